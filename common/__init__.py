@@ -1,0 +1,1 @@
+"""Small pieces both processes share: request-id aware logging."""

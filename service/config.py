@@ -1,0 +1,148 @@
+"""The service's configuration: one frozen dataclass, built from flags whose defaults come from the environment."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass
+
+
+def _env(name: str, default: str | None) -> str | None:
+    return os.environ.get(f"CHATSERVE_{name}", default)
+
+
+def _env_int(name: str, default: int | None) -> int | None:
+    value = _env(name, None)
+    return int(value) if value not in (None, "") else default
+
+
+def _env_float(name: str, default: float) -> float:
+    value = _env(name, None)
+    return float(value) if value not in (None, "") else default
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    # Written with the bound port once serving (useful with --port 0).
+    port_file: str | None = None
+    engine: str = "auto"
+    # A local Hugging Face model folder; None serves the embedded default (SmolLM2-135M-Instruct).
+    model: str | None = None
+    served_model_name: str | None = None
+    context_length: int | None = None
+    max_output_tokens: int = 8192
+    dtype: str = "auto"
+    # transformers engine
+    kv_cache_tokens: int = 32768
+    page_size: int = 32
+    max_batch_tokens: int = 1024
+    max_running: int = 64
+    # sglang engine
+    tp_size: int = 1
+    mem_fraction_static: float | None = None
+    chunked_prefill_size: int | None = None
+    max_running_requests: int | None = None
+    schedule_policy: str = "lpm"
+    quantization: str | None = None
+    # admission control: generations admitted at once, and how many more may wait; beyond that, RESOURCE_EXHAUSTED
+    max_inflight: int = 256
+    max_queue: int = 512
+    # On SIGTERM: how long in-flight generations may run on before they are cancelled.
+    shutdown_grace_s: float = 30.0
+    metrics_port: int | None = 9090
+    metrics_host: str = "127.0.0.1"
+    # When set, every call must carry `authorization: Bearer <token>` metadata.
+    auth_token: str | None = dataclasses.field(default=None, repr=False)
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    def redacted(self) -> dict[str, object]:
+        """The settings that differ from the defaults, with secrets masked: what the service logs at start."""
+        defaults = ServiceConfig()
+        out: dict[str, object] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value != getattr(defaults, f.name):
+                out[f.name] = "***" if f.name == "auth_token" else value
+        return out
+
+
+def parse_args(argv: list[str] | None = None) -> ServiceConfig:
+    d = ServiceConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m service",
+        description="The gRPC generation service (generate.v1.Generate). Flags default to CHATSERVE_* environment variables.",
+    )
+    p.add_argument("--host", default=_env("GRPC_HOST", d.host), help="address to bind (CHATSERVE_GRPC_HOST)")
+    p.add_argument("--port", type=int, default=_env_int("GRPC_PORT", d.port), help="gRPC port; 0 picks a free one")
+    p.add_argument("--port-file", default=_env("PORT_FILE", None), help="write the bound port to this file")
+    p.add_argument(
+        "--engine",
+        choices=["auto", "transformers", "sglang"],
+        default=_env("ENGINE", d.engine),
+        help="auto: sglang with a CUDA GPU and the sglang package, else transformers on the CPU",
+    )
+    p.add_argument("--model", default=_env("MODEL", None), help="local Hugging Face model folder (default: SmolLM2-135M-Instruct, embedded)")
+    p.add_argument("--served-model-name", default=_env("SERVED_MODEL_NAME", None), help="the name clients use (default: the model folder's name)")
+    p.add_argument("--context-length", type=int, default=_env_int("CONTEXT_LENGTH", None), help="override the model's context window")
+    p.add_argument("--max-output-tokens", type=int, default=_env_int("MAX_OUTPUT_TOKENS", d.max_output_tokens))
+    p.add_argument("--dtype", default=_env("DTYPE", d.dtype), help="auto, float32, bfloat16 or float16")
+    g = p.add_argument_group("transformers engine")
+    g.add_argument("--kv-cache-tokens", type=int, default=_env_int("KV_CACHE_TOKENS", d.kv_cache_tokens), help="KV cache size in tokens")
+    g.add_argument("--page-size", type=int, default=_env_int("PAGE_SIZE", d.page_size), help="tokens per KV cache page (prefix sharing works in whole pages)")
+    g.add_argument("--max-batch-tokens", type=int, default=_env_int("MAX_BATCH_TOKENS", d.max_batch_tokens), help="tokens per forward pass (chunked prefill size)")
+    g.add_argument("--max-running", type=int, default=_env_int("MAX_RUNNING", d.max_running), help="sequences per batch")
+    g = p.add_argument_group("sglang engine")
+    g.add_argument("--tp-size", type=int, default=_env_int("TP_SIZE", d.tp_size), help="tensor parallel size (GPUs per replica)")
+    g.add_argument("--mem-fraction-static", type=float, default=_env_float("MEM_FRACTION_STATIC", 0) or None)
+    g.add_argument("--chunked-prefill-size", type=int, default=_env_int("CHUNKED_PREFILL_SIZE", None))
+    g.add_argument("--max-running-requests", type=int, default=_env_int("MAX_RUNNING_REQUESTS", None))
+    g.add_argument("--schedule-policy", default=_env("SCHEDULE_POLICY", d.schedule_policy), help="lpm (longest prefix match, favours RadixAttention hits) or fcfs")
+    g.add_argument("--quantization", default=_env("QUANTIZATION", None), help="e.g. fp8, awq, gptq")
+    g = p.add_argument_group("admission and shutdown")
+    g.add_argument("--max-inflight", type=int, default=_env_int("MAX_INFLIGHT", d.max_inflight), help="generations admitted at once")
+    g.add_argument("--max-queue", type=int, default=_env_int("MAX_QUEUE", d.max_queue), help="generations that may wait for admission")
+    g.add_argument("--shutdown-grace", type=float, default=_env_float("SHUTDOWN_GRACE_S", d.shutdown_grace_s), help="seconds in-flight generations get to finish on SIGTERM")
+    g = p.add_argument_group("operations")
+    g.add_argument("--metrics-port", type=int, default=_env_int("METRICS_PORT", d.metrics_port), help="Prometheus /metrics port; -1 disables")
+    g.add_argument("--metrics-host", default=_env("METRICS_HOST", d.metrics_host))
+    g.add_argument("--auth-token-file", default=_env("AUTH_TOKEN_FILE", None), help="require this bearer token (file content) in call metadata")
+    g.add_argument("--log-level", default=_env("LOG_LEVEL", d.log_level))
+    g.add_argument("--log-json", action="store_true", default=_env("LOG_JSON", "") in ("1", "true"))
+    a = p.parse_args(argv)
+    auth_token = os.environ.get("CHATSERVE_AUTH_TOKEN") or None
+    if a.auth_token_file:
+        with open(a.auth_token_file, encoding="utf-8") as f:
+            auth_token = f.read().strip() or None
+    return ServiceConfig(
+        host=a.host,
+        port=a.port,
+        port_file=a.port_file,
+        engine=a.engine,
+        model=a.model,
+        served_model_name=a.served_model_name,
+        context_length=a.context_length,
+        max_output_tokens=a.max_output_tokens,
+        dtype=a.dtype,
+        kv_cache_tokens=a.kv_cache_tokens,
+        page_size=a.page_size,
+        max_batch_tokens=a.max_batch_tokens,
+        max_running=a.max_running,
+        tp_size=a.tp_size,
+        mem_fraction_static=a.mem_fraction_static,
+        chunked_prefill_size=a.chunked_prefill_size,
+        max_running_requests=a.max_running_requests,
+        schedule_policy=a.schedule_policy,
+        quantization=a.quantization,
+        max_inflight=a.max_inflight,
+        max_queue=a.max_queue,
+        shutdown_grace_s=a.shutdown_grace,
+        metrics_port=None if a.metrics_port is not None and a.metrics_port < 0 else a.metrics_port,
+        metrics_host=a.metrics_host,
+        auth_token=auth_token,
+        log_level=a.log_level,
+        log_json=a.log_json,
+    )

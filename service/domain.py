@@ -1,0 +1,403 @@
+"""The service's own request and output types, their validation, and their conversion from and to protobuf.
+
+Engines see only these types; the servicer sees protobuf only at its edges.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from generate.v1 import generate_pb2 as pb
+
+from service.errors import InvalidArgument
+
+MAX_CHOICES = 16
+MAX_TOP_LOGPROBS = 20
+MAX_STOP_STRINGS = 16
+MAX_LOGIT_BIAS = 1024
+
+
+# ---------------------------------------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    role: str
+    content: str
+    name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChatInput:
+    messages: tuple[Message, ...]
+    add_generation_prompt: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class TextInput:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class TokenInput:
+    ids: tuple[int, ...]
+
+
+Input = ChatInput | TextInput | TokenInput
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Sampling as the caller asked for it. None means "the model's default" (see `resolve`)."""
+
+    max_tokens: int | None = None
+    min_tokens: int = 0
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    seed: int | None = None
+    logit_bias: Mapping[int, float] = field(default_factory=lambda: MappingProxyType({}))
+    skip_special_tokens: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingDefaults:
+    """The model's own sampling defaults, from its generation config."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedSampling:
+    """Sampling with every default filled in: what an engine actually runs."""
+
+    max_tokens: int
+    min_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    frequency_penalty: float
+    presence_penalty: float
+    repetition_penalty: float
+    stop: tuple[str, ...]
+    stop_token_ids: tuple[int, ...]
+    ignore_eos: bool
+    seed: int | None
+    logit_bias: Mapping[int, float]
+    skip_special_tokens: bool
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateRequest:
+    request_id: str
+    input: Input
+    sampling: SamplingParams = SamplingParams()
+    n: int = 1
+    # None: no log probabilities. An int: log probabilities with that many top alternatives per token.
+    top_logprobs: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    name: str
+    engine: str
+    context_length: int
+    max_output_tokens: int
+    vocab_size: int
+    created: int
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+
+
+class FinishReason(enum.Enum):
+    STOP = pb.FINISH_REASON_STOP
+    LENGTH = pb.FINISH_REASON_LENGTH
+
+
+@dataclass(slots=True)
+class TopLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    token_bytes: bytes
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    token_bytes: bytes
+    top: list[TopLogprob]
+
+
+@dataclass(slots=True)
+class ChoiceDelta:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: FinishReason | None = None
+    stop_string: str | None = None
+    stop_token_id: int | None = None
+
+    def merge(self, later: ChoiceDelta) -> None:
+        """Append a later delta of the same choice to this one (used when the reader falls behind)."""
+        self.text += later.text
+        self.token_ids.extend(later.token_ids)
+        if later.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + later.logprobs
+        if later.finish_reason is not None:
+            self.finish_reason = later.finish_reason
+            self.stop_string = later.stop_string
+            self.stop_token_id = later.stop_token_id
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+
+@dataclass(slots=True)
+class GenerateOutput:
+    """One step of a generation: the choices that advanced, and usage on the last output only."""
+
+    choices: list[ChoiceDelta]
+    usage: Usage | None = None
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def validate_sampling(s: SamplingParams, vocab_size: int) -> None:
+    """Range checks shared by every engine. Raises InvalidArgument naming the field."""
+
+    def check(ok: bool, name: str, message: str) -> None:
+        if not ok:
+            raise InvalidArgument(f"sampling.{name}", message)
+
+    def finite(name: str, value: float | None) -> None:
+        check(value is None or math.isfinite(value), name, f"{name} must be a finite number")
+
+    for name in ("temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty"):
+        finite(name, getattr(s, name))
+    check(s.max_tokens is None or s.max_tokens >= 1, "max_tokens", "max_tokens must be at least 1")
+    check(s.min_tokens >= 0, "min_tokens", "min_tokens must not be negative")
+    check(
+        s.max_tokens is None or s.min_tokens <= s.max_tokens,
+        "min_tokens",
+        "min_tokens must not exceed max_tokens",
+    )
+    check(s.temperature is None or 0 <= s.temperature <= 2, "temperature", "temperature must be between 0 and 2")
+    check(s.top_p is None or 0 < s.top_p <= 1, "top_p", "top_p must be greater than 0 and at most 1")
+    check(s.top_k is None or s.top_k >= -1, "top_k", "top_k must be -1, 0 (no cut) or a positive number")
+    check(s.min_p is None or 0 <= s.min_p <= 1, "min_p", "min_p must be between 0 and 1")
+    check(-2 <= s.frequency_penalty <= 2, "frequency_penalty", "frequency_penalty must be between -2 and 2")
+    check(-2 <= s.presence_penalty <= 2, "presence_penalty", "presence_penalty must be between -2 and 2")
+    check(
+        s.repetition_penalty is None or 0 < s.repetition_penalty <= 2,
+        "repetition_penalty",
+        "repetition_penalty must be greater than 0 and at most 2",
+    )
+    check(len(s.stop) <= MAX_STOP_STRINGS, "stop", f"at most {MAX_STOP_STRINGS} stop strings are allowed")
+    check(all(s.stop), "stop", "stop strings must not be empty")
+    check(
+        all(0 <= t < vocab_size for t in s.stop_token_ids),
+        "stop_token_ids",
+        f"stop_token_ids must be token ids below the vocabulary size ({vocab_size})",
+    )
+    check(len(s.logit_bias) <= MAX_LOGIT_BIAS, "logit_bias", f"logit_bias may hold at most {MAX_LOGIT_BIAS} tokens")
+    for token, bias in s.logit_bias.items():
+        check(0 <= token < vocab_size, "logit_bias", f"logit_bias token {token} is not in the vocabulary")
+        check(math.isfinite(bias) and -100 <= bias <= 100, "logit_bias", "logit_bias values must be between -100 and 100")
+
+
+def validate_request(request: GenerateRequest, info: ModelInfo) -> None:
+    if not 1 <= request.n <= MAX_CHOICES:
+        raise InvalidArgument("n", f"n must be between 1 and {MAX_CHOICES}")
+    if request.top_logprobs is not None and not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise InvalidArgument("logprobs.top_logprobs", f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
+    match request.input:
+        case ChatInput(messages=messages):
+            if not messages:
+                raise InvalidArgument("input.chat.messages", "messages must not be empty")
+        case TextInput(text=text):
+            if not text:
+                raise InvalidArgument("input.text", "the prompt must not be empty")
+        case TokenInput(ids=ids):
+            if not ids:
+                raise InvalidArgument("input.token_ids", "token_ids must not be empty")
+            if any(i >= info.vocab_size for i in ids):
+                raise InvalidArgument("input.token_ids", f"token ids must be below the vocabulary size ({info.vocab_size})")
+    validate_sampling(request.sampling, info.vocab_size)
+
+
+def resolve(
+    s: SamplingParams, defaults: SamplingDefaults, prompt_tokens: int, info: ModelInfo
+) -> ResolvedSampling:
+    """Fill in the model's defaults and fit max_tokens to the context window; raise if it cannot fit."""
+    room = info.context_length - prompt_tokens
+    if room < 1:
+        raise InvalidArgument(
+            "input",
+            f"the prompt is {prompt_tokens} tokens long, but the model's context window is "
+            f"{info.context_length} tokens; shorten the prompt",
+        )
+    if s.max_tokens is None:
+        max_tokens = min(room, info.max_output_tokens)
+    elif s.max_tokens > room:
+        raise InvalidArgument(
+            "sampling.max_tokens",
+            f"the prompt ({prompt_tokens} tokens) plus max_tokens ({s.max_tokens}) exceeds the model's context "
+            f"window of {info.context_length} tokens; ask for at most {room} tokens",
+        )
+    elif s.max_tokens > info.max_output_tokens:
+        raise InvalidArgument(
+            "sampling.max_tokens",
+            f"max_tokens ({s.max_tokens}) exceeds this service's output limit of {info.max_output_tokens} tokens",
+        )
+    else:
+        max_tokens = s.max_tokens
+    top_k = defaults.top_k if s.top_k is None else s.top_k
+    return ResolvedSampling(
+        max_tokens=max_tokens,
+        min_tokens=s.min_tokens,
+        temperature=defaults.temperature if s.temperature is None else s.temperature,
+        top_p=defaults.top_p if s.top_p is None else s.top_p,
+        top_k=0 if top_k < 0 else top_k,
+        min_p=defaults.min_p if s.min_p is None else s.min_p,
+        frequency_penalty=s.frequency_penalty,
+        presence_penalty=s.presence_penalty,
+        repetition_penalty=defaults.repetition_penalty if s.repetition_penalty is None else s.repetition_penalty,
+        stop=s.stop,
+        stop_token_ids=s.stop_token_ids,
+        ignore_eos=s.ignore_eos,
+        seed=s.seed,
+        logit_bias=s.logit_bias,
+        skip_special_tokens=s.skip_special_tokens,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- protobuf
+
+
+def input_from_proto(message: pb.Input) -> Input:
+    kind = message.WhichOneof("kind")
+    if kind == "chat":
+        chat = message.chat
+        return ChatInput(
+            messages=tuple(
+                Message(
+                    role=m.role,
+                    content="\n".join(part.text for part in m.content if part.WhichOneof("kind") == "text"),
+                    name=m.name or None,
+                )
+                for m in chat.messages
+            ),
+            add_generation_prompt=chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True,
+        )
+    if kind == "text":
+        return TextInput(message.text)
+    if kind == "token_ids":
+        return TokenInput(tuple(message.token_ids.ids))
+    raise InvalidArgument("input", "input must hold chat messages, a text prompt or token ids")
+
+
+def sampling_from_proto(s: pb.SamplingParams) -> SamplingParams:
+    def opt(name: str):
+        return getattr(s, name) if s.HasField(name) else None
+
+    return SamplingParams(
+        max_tokens=opt("max_tokens"),
+        min_tokens=s.min_tokens,
+        temperature=opt("temperature"),
+        top_p=opt("top_p"),
+        top_k=opt("top_k"),
+        min_p=opt("min_p"),
+        frequency_penalty=s.frequency_penalty,
+        presence_penalty=s.presence_penalty,
+        repetition_penalty=opt("repetition_penalty"),
+        stop=tuple(s.stop),
+        stop_token_ids=tuple(s.stop_token_ids),
+        ignore_eos=s.ignore_eos,
+        seed=opt("seed"),
+        logit_bias=MappingProxyType(dict(s.logit_bias)),
+        skip_special_tokens=s.skip_special_tokens if s.HasField("skip_special_tokens") else True,
+    )
+
+
+def request_from_proto(message: pb.GenerateRequest, request_id: str) -> GenerateRequest:
+    return GenerateRequest(
+        request_id=request_id,
+        input=input_from_proto(message.input),
+        sampling=sampling_from_proto(message.sampling),
+        n=message.n or 1,
+        top_logprobs=message.logprobs.top_logprobs if message.HasField("logprobs") else None,
+    )
+
+
+def _logprob_to_proto(lp: TokenLogprob) -> pb.TokenLogprob:
+    return pb.TokenLogprob(
+        token_id=lp.token_id,
+        token=lp.token,
+        logprob=lp.logprob,
+        token_bytes=lp.token_bytes,
+        top_logprobs=[
+            pb.TopLogprob(token_id=t.token_id, token=t.token, logprob=t.logprob, token_bytes=t.token_bytes)
+            for t in lp.top
+        ],
+    )
+
+
+def output_to_proto(output: GenerateOutput) -> pb.GenerateResponse:
+    response = pb.GenerateResponse()
+    for c in output.choices:
+        delta = response.choices.add(index=c.index, text=c.text, token_ids=c.token_ids)
+        if c.logprobs:
+            delta.logprobs.extend(_logprob_to_proto(lp) for lp in c.logprobs)
+        if c.finish_reason is not None:
+            delta.finish_reason = c.finish_reason.value
+            if c.stop_string is not None:
+                delta.stop_string = c.stop_string
+            elif c.stop_token_id is not None:
+                delta.stop_token_id = c.stop_token_id
+    if output.usage is not None:
+        u = output.usage
+        response.usage.CopyFrom(
+            pb.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, cached_tokens=u.cached_tokens)
+        )
+    return response
+
+
+def model_info_to_proto(info: ModelInfo) -> pb.GetModelInfoResponse:
+    return pb.GetModelInfoResponse(
+        model=info.name,
+        engine=info.engine,
+        context_length=info.context_length,
+        max_output_tokens=info.max_output_tokens,
+        vocab_size=info.vocab_size,
+        created=info.created,
+    )

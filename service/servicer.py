@@ -1,0 +1,144 @@
+"""The gRPC servicer: protobuf in, domain request to the engine, domain outputs back out as protobuf.
+
+Cancellation is not polled: when the caller cancels or its deadline passes, grpc cancels this task, the
+`aclosing` block closes the engine's stream, and the engine aborts the request in its `finally`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+import uuid
+
+import grpc
+
+from common.logs import request_id_var
+from generate.v1 import generate_pb2 as pb
+from generate.v1 import generate_pb2_grpc as pb_grpc
+from service import domain
+from service.admission import Admission
+from service.engines import Engine
+from service.errors import ModelNotFound, ServiceError, Unauthenticated, to_status
+from service.metrics import ServiceMetrics
+
+log = logging.getLogger("service.requests")
+
+_OUTCOMES = {
+    grpc.StatusCode.INVALID_ARGUMENT: "invalid_argument",
+    grpc.StatusCode.NOT_FOUND: "not_found",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "overloaded",
+    grpc.StatusCode.UNAVAILABLE: "unavailable",
+    grpc.StatusCode.UNAUTHENTICATED: "unauthenticated",
+    grpc.StatusCode.INTERNAL: "error",
+}
+
+
+class GenerateServicer(pb_grpc.GenerateServicer):
+    def __init__(
+        self, engine: Engine, admission: Admission, metrics: ServiceMetrics, auth_token: str | None = None
+    ) -> None:
+        self._engine = engine
+        self._admission = admission
+        self._metrics = metrics
+        self._auth = f"Bearer {auth_token}".encode() if auth_token else None
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        request_id = request.request_id or _metadata(context, "x-request-id") or uuid.uuid4().hex
+        request_id_var.set(request_id)
+        started = time.perf_counter()
+        outcome = "ok"
+        ttft: float | None = None
+        usage: domain.Usage | None = None
+        try:
+            self._check_auth(context)
+            self._check_model(request.model)
+            generate_request = domain.request_from_proto(request, request_id)
+            async with self._admission.admit() as waited:
+                self._metrics.queue_time.observe(waited)
+                last = started
+                async with contextlib.aclosing(self._engine.generate(generate_request)) as outputs:
+                    async for output in outputs:
+                        now = time.perf_counter()
+                        tokens = sum(len(c.token_ids) for c in output.choices)
+                        if tokens:
+                            if ttft is None:
+                                ttft = now - started
+                                self._metrics.ttft.observe(ttft)
+                            else:
+                                for _ in range(tokens):
+                                    self._metrics.itl.observe((now - last) / tokens)
+                            last = now
+                        if output.usage is not None:
+                            usage = output.usage
+                        yield domain.output_to_proto(output)
+        except ServiceError as e:
+            outcome = _OUTCOMES.get(e.code, "error")
+            if e.code is grpc.StatusCode.INTERNAL:
+                self._metrics.aborted.labels("engine_error").inc()
+            await context.abort_with_status(to_status(e))
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            self._metrics.aborted.labels("deadline" if _deadline_passed(context) else "cancelled").inc()
+            raise
+        finally:
+            duration = time.perf_counter() - started
+            self._metrics.requests.labels(outcome).inc()
+            self._metrics.e2e.observe(duration)
+            if usage is not None:
+                self._metrics.observe_usage(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+            log.info(
+                "generate %s",
+                outcome,
+                extra={
+                    "fields": {
+                        "prompt_tokens": usage.prompt_tokens if usage else None,
+                        "completion_tokens": usage.completion_tokens if usage else None,
+                        "cached_tokens": usage.cached_tokens if usage else None,
+                        "ttft_ms": round(ttft * 1000, 1) if ttft is not None else None,
+                        "duration_ms": round(duration * 1000, 1),
+                    }
+                },
+            )
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext):
+        try:
+            self._check_auth(context)
+        except ServiceError as e:
+            await context.abort_with_status(to_status(e))
+        return domain.model_info_to_proto(self._engine.info)
+
+    async def CountTokens(self, request: pb.CountTokensRequest, context: grpc.aio.ServicerContext):
+        try:
+            self._check_auth(context)
+            self._check_model(request.model)
+            count = self._engine.count_tokens(domain.input_from_proto(request.input))
+        except ServiceError as e:
+            await context.abort_with_status(to_status(e))
+        return pb.CountTokensResponse(prompt_tokens=count, context_length=self._engine.info.context_length)
+
+    def _check_model(self, model: str) -> None:
+        served = self._engine.info.name
+        if model and model != served:
+            raise ModelNotFound(f"the model {model!r} is not served here; this service serves {served!r}")
+
+    def _check_auth(self, context: grpc.aio.ServicerContext) -> None:
+        if self._auth is None:
+            return
+        presented = (_metadata(context, "authorization") or "").encode()
+        if not hmac.compare_digest(presented, self._auth):
+            raise Unauthenticated("a valid service token is required in the authorization metadata")
+
+
+def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
+    for k, v in context.invocation_metadata() or ():
+        if k == key:
+            return v if isinstance(v, str) else v.decode()
+    return None
+
+
+def _deadline_passed(context: grpc.aio.ServicerContext) -> bool:
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0
