@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP gateway: `python -m gateway` serves /v1 over the gRPC Generate service."""

@@ -1,0 +1,269 @@
+"""HTTP handlers: parse and validate the OpenAI body, make one streaming gRPC call, write JSON or SSE.
+
+Every handler reads the first gRPC message before it answers, so an error the service finds in the request
+(too long for the context window, a bad value) is a proper HTTP status, not an event inside a 200 stream.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from typing import TypeVar
+
+import grpc
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from common.logs import request_id_var
+from gateway import sse
+from gateway.errors import ApiError, BadRequest, NotFound, PayloadTooLarge, Upstream, from_rpc_error
+from gateway.protocol import ChatCompletionRequest
+from gateway.state import BACKEND, CONFIG, METRICS, UNKNOWN_FIELDS
+from gateway.translate import ChatAccumulator, ChatChunkEncoder, chat_to_proto
+from generate.v1 import generate_pb2 as pb
+
+log = logging.getLogger("gateway.requests")
+
+M = TypeVar("M", bound=BaseModel)
+
+UNPARSABLE = (
+    "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP "
+    "library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.)"
+)
+
+
+class UnsupportedMediaType(ApiError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+
+async def read_json(request: web.Request) -> dict:
+    if "Content-Type" in request.headers and request.content_type != "application/json":
+        raise UnsupportedMediaType(
+            f"Content-Type must be application/json, not {request.content_type!r}", should_retry=False
+        )
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[CONFIG].max_body_bytes
+        raise PayloadTooLarge(f"the request body is larger than this server's limit of {limit} bytes") from None
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):  # bad JSON, invalid UTF-8, or nesting deeper than the parser allows
+        raise BadRequest(UNPARSABLE) from None
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    return body
+
+
+def parse(model: type[M], body: dict, app: web.Application) -> M:
+    try:
+        parsed = model.model_validate(body)
+    except ValidationError as e:
+        raise _validation_error(e, body) from None
+    except RecursionError:
+        raise BadRequest("the request body is nested too deeply") from None
+    unknown = [f for f in parsed.unknown_fields() if f not in app[UNKNOWN_FIELDS]]
+    if unknown:
+        app[UNKNOWN_FIELDS].update(unknown)
+        log.warning("ignoring request fields this API does not know (logged once each): %s", ", ".join(unknown))
+    return parsed
+
+
+def _validation_error(error: ValidationError, body: dict) -> BadRequest:
+    first = error.errors(include_url=False)[0]
+    param = _param_path(first["loc"], body)
+    if first["type"] == "missing":
+        return BadRequest(f"Missing required parameter: '{param}'.", param=param)
+    return BadRequest(f"Invalid value for '{param}': {first['msg']}.", param=param)
+
+
+def _param_path(loc: tuple, body: object) -> str:
+    """The loc of a pydantic error as OpenAI names a parameter ("messages[0].content"), following only the steps
+    that exist in the body (pydantic adds union-member tags such as 'str' to the loc)."""
+    path = ""
+    current = body
+    for step in loc:
+        if isinstance(current, dict) and isinstance(step, str) and (step in current or not path or step == loc[-1]):
+            path = f"{path}.{step}" if path else step
+            current = current.get(step)
+        elif isinstance(current, list) and isinstance(step, int):
+            path += f"[{step}]"
+            current = current[step] if step < len(current) else None
+    return path or str(loc[0])
+
+
+# ---------------------------------------------------------------------------------------------- chat
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    started = time.perf_counter()
+    body = await read_json(request)
+    chat = parse(ChatCompletionRequest, body, request.app)
+    request_id = request_id_var.get()
+    translated = chat_to_proto(chat, request_id)
+    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    n = translated.request.n or 1
+
+    call = _start(request, translated.request)
+    try:
+        first = await _first_message(request, call, translated.param_alias)
+        if chat.stream:
+            include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+            encoder = ChatChunkEncoder(completion_id, created, chat.model, include_usage)
+            return await _stream(request, call, first, encoder, n, include_usage, started)
+        accumulator = ChatAccumulator(n, logprobs=bool(chat.logprobs))
+        message = first
+        while message is not grpc.aio.EOF:
+            accumulator.add(message)
+            message = await _next(request, call)
+        _count_tokens(request, accumulator.usage)
+        return web.json_response(accumulator.response(completion_id, created, chat.model), dumps=_dumps)
+    finally:
+        call.cancel()  # no-op once the call finished; aborts the generation if we stopped early
+
+
+def _start(request: web.Request, message: pb.GenerateRequest):
+    app = request.app
+    backend = app[BACKEND]
+    return backend.stub.Generate(
+        message, metadata=backend.metadata(request_id_var.get()), timeout=app[CONFIG].request_timeout_s
+    )
+
+
+async def _first_message(request: web.Request, call, param_alias: dict[str, str]):
+    try:
+        message = await call.read()
+    except grpc.aio.AioRpcError as e:
+        request.app[METRICS].grpc_errors.labels(e.code().name).inc()
+        raise from_rpc_error(e, param_alias) from None
+    if message is grpc.aio.EOF:
+        raise Upstream(502, "the generation service ended the call without an answer", code="bad_gateway")
+    return message
+
+
+async def _next(request: web.Request, call):
+    try:
+        return await call.read()
+    except grpc.aio.AioRpcError as e:
+        request.app[METRICS].grpc_errors.labels(e.code().name).inc()
+        raise from_rpc_error(e) from None
+
+
+async def _stream(
+    request: web.Request,
+    call,
+    first: pb.GenerateResponse,
+    encoder: ChatChunkEncoder,
+    n: int,
+    include_usage: bool,
+    started: float,
+) -> web.StreamResponse:
+    metrics = request.app[METRICS]
+    response = web.StreamResponse(headers=sse.HEADERS)
+    await response.prepare(request)
+    metrics.ttfb.labels("chat").observe(time.perf_counter() - started)
+    metrics.open_streams.inc()
+    usage = None
+    try:
+        payloads = encoder.start(n)
+        message = first
+        while True:
+            payloads += encoder.encode(message)
+            if message.HasField("usage"):
+                usage = message.usage
+                if include_usage:
+                    payloads.append(encoder.usage(usage))
+            await response.write(sse.events(payloads))
+            payloads = []
+            try:
+                message = await _next(request, call)
+            except ApiError as e:
+                # The stream is under way: report the failure in-band, then end the stream as usual.
+                log.warning("stream failed after it started: %s", e.message)
+                await response.write(sse.error_event(e) + sse.DONE)
+                return response
+            if message is grpc.aio.EOF:
+                break
+        await response.write(sse.DONE)
+        _count_tokens(request, usage)
+    except ConnectionResetError:
+        log.info("client went away mid-stream; cancelling the generation")
+    finally:
+        metrics.open_streams.dec()
+    return response
+
+
+def _count_tokens(request: web.Request, usage: pb.Usage | None) -> None:
+    if usage is None:
+        return
+    key = request.get("key_label", "-")
+    metrics = request.app[METRICS]
+    metrics.prompt_tokens.labels(key).inc(usage.prompt_tokens)
+    metrics.completion_tokens.labels(key).inc(usage.completion_tokens)
+    request["usage"] = usage
+
+
+def _dumps(value) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+# ---------------------------------------------------------------------------------------------- models & health
+
+
+def _model_card(info: pb.GetModelInfoResponse) -> dict:
+    return {
+        "id": info.model,
+        "object": "model",
+        "created": info.created,
+        "owned_by": "chatserve",
+        "max_model_len": info.context_length,
+    }
+
+
+async def _model_info(request: web.Request) -> pb.GetModelInfoResponse:
+    try:
+        return await request.app[BACKEND].model_info()
+    except grpc.aio.AioRpcError as e:
+        request.app[METRICS].grpc_errors.labels(e.code().name).inc()
+        raise from_rpc_error(e) from None
+
+
+async def list_models(request: web.Request) -> web.Response:
+    info = await _model_info(request)
+    return web.json_response({"object": "list", "data": [_model_card(info)]})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    info = await _model_info(request)
+    model_id = request.match_info["model_id"]
+    if model_id != info.model:
+        raise NotFound(f"The model '{model_id}' does not exist", param="model", code="model_not_found")
+    return web.json_response(_model_card(info))
+
+
+async def health(request: web.Request) -> web.Response:
+    """Ready only while the generation service answers SERVING."""
+    if await request.app[BACKEND].healthy():
+        return web.json_response({"status": "ok"})
+    return web.json_response({"status": "unavailable"}, status=503)
+
+
+async def live(request: web.Request) -> web.Response:
+    """The gateway process is up (for liveness probes, which must not depend on the service)."""
+    return web.json_response({"status": "ok"})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/chat/completions", chat_completions, name="chat")
+    app.router.add_get("/v1/models", list_models, name="models")
+    app.router.add_get("/v1/models/{model_id}", get_model, name="model")
+    app.router.add_get("/health", health, name="health")
+    app.router.add_get("/livez", live, name="livez")

@@ -1,0 +1,242 @@
+"""Pure translation between OpenAI bodies and the gRPC API: request → GenerateRequest, GenerateResponse →
+OpenAI chunks and responses. No I/O here.
+
+Stream chunks are built from bytes prepared once per request (the id, created time and model never change),
+so each token costs one small JSON encode of its delta.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+from generate.v1 import generate_pb2 as pb
+
+from gateway.errors import BadRequest
+from gateway.protocol import ChatCompletionRequest, SamplingFields
+
+UINT32_MAX = 2**32 - 1
+INT32_MAX = 2**31 - 1
+
+FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
+_ROLES = {"developer": "system"}
+
+
+@dataclass(frozen=True)
+class Translated:
+    request: pb.GenerateRequest
+    # Service field name → the OpenAI parameter this client used for it, for error messages.
+    param_alias: dict[str, str] = field(default_factory=dict)
+
+
+def _dumps(value) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _uint(value: int | None, param: str, minimum: int = 0) -> int | None:
+    if value is None:
+        return None
+    if not minimum <= value <= UINT32_MAX:
+        raise BadRequest(f"{param} must be an integer of at least {minimum}", param=param)
+    return value
+
+
+def _finite(value: float | None, param: str) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    if not math.isfinite(value):
+        raise BadRequest(f"{param} must be a finite number", param=param)
+    return value
+
+
+def sampling_to_proto(req: SamplingFields, max_tokens: int | None, max_tokens_param: str) -> pb.SamplingParams:
+    s = pb.SamplingParams()
+    if (value := _uint(max_tokens, max_tokens_param)) is not None:
+        s.max_tokens = value
+    if (value := _uint(req.min_tokens, "min_tokens")) is not None:
+        s.min_tokens = value
+    for name in ("temperature", "top_p", "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty"):
+        if (value := _finite(getattr(req, name), name)) is not None:
+            setattr(s, name, value)
+    if req.top_k is not None:
+        if not -1 <= req.top_k <= INT32_MAX:
+            raise BadRequest("top_k must be -1, 0 or a positive integer", param="top_k")
+        s.top_k = req.top_k
+    if req.stop:
+        s.stop.extend(req.stop)
+    if req.stop_token_ids:
+        s.stop_token_ids.extend(_uint(t, "stop_token_ids") for t in req.stop_token_ids)
+    if req.ignore_eos is not None:
+        s.ignore_eos = req.ignore_eos
+    if req.seed is not None:
+        # OpenAI takes any 64-bit integer; the service takes its two's-complement bits.
+        s.seed = req.seed % 2**64
+    if req.logit_bias:
+        for token, bias in req.logit_bias.items():
+            try:
+                token_id = int(token)
+            except ValueError:
+                raise BadRequest(f"logit_bias keys must be token ids, got {token!r}", param="logit_bias") from None
+            s.logit_bias[_uint(token_id, "logit_bias")] = _finite(bias, "logit_bias")
+    if req.skip_special_tokens is not None:
+        s.skip_special_tokens = req.skip_special_tokens
+    return s
+
+
+def chat_to_proto(req: ChatCompletionRequest, request_id: str) -> Translated:
+    _refuse_unsupported_chat(req)
+    chat = pb.Chat()
+    for i, m in enumerate(req.messages):
+        message = chat.messages.add(role=_ROLES.get(m.role, m.role), name=m.name or "")
+        if isinstance(m.content, str):
+            message.content.add(text=m.content)
+        elif m.content is None:
+            raise BadRequest(f"messages[{i}].content is required", param=f"messages[{i}].content")
+        else:
+            for j, part in enumerate(m.content):
+                if part.type != "text":
+                    raise BadRequest(
+                        f"content parts of type {part.type!r} are not supported; this model reads text only",
+                        param=f"messages[{i}].content[{j}].type",
+                    )
+                message.content.add(text=part.text)
+    alias = {}
+    if req.max_completion_tokens is not None:
+        max_tokens, max_param = req.max_completion_tokens, "max_completion_tokens"
+        alias["max_tokens"] = "max_completion_tokens"
+    else:
+        max_tokens, max_param = req.max_tokens, "max_tokens"
+    request = pb.GenerateRequest(
+        request_id=request_id,
+        model=req.model,
+        input=pb.Input(chat=chat),
+        sampling=sampling_to_proto(req, max_tokens, max_param),
+        n=_uint(req.n, "n") or 0,
+    )
+    if req.top_logprobs is not None and not req.logprobs:
+        raise BadRequest("logprobs must be true when top_logprobs is set", param="top_logprobs")
+    if req.logprobs:
+        request.logprobs.top_logprobs = _uint(req.top_logprobs, "top_logprobs") or 0
+    return Translated(request, alias)
+
+
+def _refuse_unsupported_chat(req: ChatCompletionRequest) -> None:
+    for i, m in enumerate(req.messages):
+        if m.role in ("tool", "function") or m.tool_calls:
+            raise BadRequest("tool calling is not supported by this server", param=f"messages[{i}]")
+    if req.tools:
+        raise BadRequest("tool calling is not supported by this server", param="tools")
+    if req.tool_choice not in (None, "none"):
+        raise BadRequest("tool calling is not supported by this server", param="tool_choice")
+    if req.functions or req.function_call not in (None, "none"):
+        raise BadRequest("function calling is not supported by this server", param="functions")
+    if req.response_format is not None and req.response_format.type != "text":
+        raise BadRequest("structured output (response_format) is not supported by this server", param="response_format")
+    if req.modalities is not None and any(m != "text" for m in req.modalities):
+        raise BadRequest("this model produces text only", param="modalities")
+    if req.audio is not None:
+        raise BadRequest("this model produces text only", param="audio")
+    if req.prediction is not None:
+        raise BadRequest("predicted outputs are not supported by this server", param="prediction")
+    if req.web_search_options is not None:
+        raise BadRequest("web search is not supported by this server", param="web_search_options")
+    if req.reasoning_effort is not None:
+        raise BadRequest("reasoning_effort applies to reasoning models only; this model is not one", param="reasoning_effort")
+
+
+# ---------------------------------------------------------------------------------------------- responses
+
+
+def logprob_entry(lp: pb.TokenLogprob) -> dict:
+    return {
+        "token": lp.token,
+        "logprob": lp.logprob,
+        "bytes": list(lp.token_bytes),
+        "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": list(t.token_bytes)} for t in lp.top_logprobs],
+    }
+
+
+def usage_dict(usage: pb.Usage) -> dict:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+    }
+
+
+class ChatChunkEncoder:
+    """Turns the GenerateResponse stream of one call into `chat.completion.chunk` JSON payloads."""
+
+    def __init__(self, completion_id: str, created: int, model: str, include_usage: bool) -> None:
+        head = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "system_fingerprint": None}
+        self._head = _dumps(head)[:-1] + ',"choices":['
+        self._tail = '],"usage":null}' if include_usage else "]}"
+        self._usage_head = self._head[: -len('"choices":[')] + '"choices":[],"usage":'
+
+    def _chunk(self, choice: dict) -> str:
+        return self._head + _dumps(choice) + self._tail
+
+    def start(self, n: int) -> list[str]:
+        """The first chunk of every choice: the assistant role and empty content."""
+        return [
+            self._chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
+            for i in range(n)
+        ]
+
+    def encode(self, response: pb.GenerateResponse) -> list[str]:
+        out = []
+        for c in response.choices:
+            if c.text or c.logprobs:
+                logprobs = {"content": [logprob_entry(lp) for lp in c.logprobs]} if c.logprobs else None
+                out.append(self._chunk({"index": c.index, "delta": {"content": c.text}, "logprobs": logprobs,
+                                        "finish_reason": None}))
+            if c.finish_reason:
+                out.append(self._chunk({"index": c.index, "delta": {}, "logprobs": None,
+                                        "finish_reason": FINISH_REASONS.get(c.finish_reason, "stop")}))
+        return out
+
+    def usage(self, usage: pb.Usage) -> str:
+        return self._usage_head + _dumps(usage_dict(usage)) + "}"
+
+
+class ChatAccumulator:
+    """Collects a GenerateResponse stream into one `chat.completion` response."""
+
+    def __init__(self, n: int, logprobs: bool) -> None:
+        self._text = [[] for _ in range(n)]
+        self._logprobs = [[] for _ in range(n)] if logprobs else None
+        self._finish: list[str | None] = [None] * n
+        self.usage: pb.Usage | None = None
+
+    def add(self, response: pb.GenerateResponse) -> None:
+        for c in response.choices:
+            self._text[c.index].append(c.text)
+            if self._logprobs is not None:
+                self._logprobs[c.index].extend(logprob_entry(lp) for lp in c.logprobs)
+            if c.finish_reason:
+                self._finish[c.index] = FINISH_REASONS.get(c.finish_reason, "stop")
+        if response.HasField("usage"):
+            self.usage = response.usage
+
+    def response(self, completion_id: str, created: int, model: str) -> dict:
+        return {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "system_fingerprint": None,
+            "choices": [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": "".join(parts), "refusal": None},
+                    "logprobs": {"content": self._logprobs[i]} if self._logprobs is not None else None,
+                    "finish_reason": self._finish[i] or "stop",
+                }
+                for i, parts in enumerate(self._text)
+            ],
+            "usage": usage_dict(self.usage) if self.usage is not None else None,
+        }
