@@ -80,6 +80,8 @@ class SamplingDefaults:
     top_k: int = 0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    # Output length when a request leaves max_tokens unset; None fills what the context window leaves.
+    max_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,7 +269,7 @@ def resolve(
             f"{info.context_length} tokens; shorten the prompt",
         )
     if s.max_tokens is None:
-        max_tokens = min(room, info.max_output_tokens)
+        max_tokens = min(room, info.max_output_tokens, defaults.max_tokens or room)
     elif s.max_tokens > room:
         raise InvalidArgument(
             "sampling.max_tokens",

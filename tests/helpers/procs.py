@@ -1,0 +1,115 @@
+"""Starting the real processes for tests: ephemeral ports, logs captured to files, readiness by health checks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Proc:
+    process: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def spawn(args: list[str], log_path: Path, env: dict[str, str] | None = None) -> Proc:
+    log_file = open(log_path, "wb")
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    process = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
+    return Proc(process, log_path)
+
+
+def wait_for_file(path: Path, proc: Proc, timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text().strip():
+            return path.read_text().strip()
+        if proc.process.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.process.returncode}:\n{proc.log()[-4000:]}")
+        time.sleep(0.05)
+    raise TimeoutError(f"{path} did not appear:\n{proc.log()[-4000:]}")
+
+
+def wait_serving(target: str, proc: Proc | None = None, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if proc is not None and proc.process.poll() is not None:
+                raise RuntimeError(f"service exited with {proc.process.returncode}:\n{proc.log()[-4000:]}")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1, wait_for_ready=True)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.05)
+    raise TimeoutError(f"{target} not SERVING in {timeout} s")
+
+
+def wait_http_ok(url: str, proc: Proc | None = None, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.process.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.process.returncode}:\n{proc.log()[-4000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} not ready in {timeout} s")
+
+
+def start_service(tmp: Path, *extra: str, name: str = "service", env: dict[str, str] | None = None) -> tuple[Proc, str]:
+    """A real `python -m service` on an ephemeral port; returns it once SERVING, with its target."""
+    port_file = tmp / f"{name}.port"
+    port_file.unlink(missing_ok=True)
+    proc = spawn(
+        ["-m", "service", "--port", "0", "--port-file", str(port_file), "--metrics-port", "-1", *extra],
+        tmp / f"{name}.log",
+        env,
+    )
+    port = wait_for_file(port_file, proc)
+    target = f"127.0.0.1:{port}"
+    wait_serving(target, proc)
+    return proc, target
+
+
+def start_gateway(tmp: Path, backend: str, *extra: str, keys: str, name: str = "gateway", env: dict[str, str] | None = None) -> tuple[Proc, str]:
+    """A real `python -m gateway` on an ephemeral port; returns it once it answers, with its base URL."""
+    port_file = tmp / f"{name}.port"
+    port_file.unlink(missing_ok=True)
+    proc = spawn(
+        ["-m", "gateway", "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file), "--backend", backend, *extra],
+        tmp / f"{name}.log",
+        {"API_KEYS": keys, **(env or {})},
+    )
+    port = wait_for_file(port_file, proc)
+    wait_http_ok(f"http://127.0.0.1:{port}/livez", proc)
+    return proc, f"http://127.0.0.1:{port}"
