@@ -1,4 +1,4 @@
-"""HTTP handlers: parse and validate the OpenAI body, make one streaming gRPC call, write JSON or SSE.
+"""HTTP handlers: parse and validate the OpenAI body, make one streaming gRPC call per prompt, write JSON or SSE.
 
 Every handler reads the first gRPC message before it answers, so an error the service finds in the request
 (too long for the context window, a bad value) is a proper HTTP status, not an event inside a 200 stream.
@@ -6,6 +6,7 @@ Every handler reads the first gRPC message before it answers, so an error the se
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -19,9 +20,18 @@ from pydantic import BaseModel, ValidationError
 from common.logs import request_id_var
 from gateway import sse
 from gateway.errors import ApiError, BadRequest, NotFound, PayloadTooLarge, Upstream, from_rpc_error
-from gateway.protocol import ChatCompletionRequest
+from gateway.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.state import BACKEND, CONFIG, METRICS, UNKNOWN_FIELDS
-from gateway.translate import ChatAccumulator, ChatChunkEncoder, chat_to_proto
+from gateway.translate import (
+    ChatAccumulator,
+    ChatChunkEncoder,
+    CompletionAccumulator,
+    CompletionChunkEncoder,
+    Translated,
+    add_usage,
+    chat_to_proto,
+    completion_to_proto,
+)
 from generate.v1 import generate_pb2 as pb
 
 log = logging.getLogger("gateway.requests")
@@ -99,100 +109,140 @@ def _param_path(loc: tuple, body: object) -> str:
     return path or str(loc[0])
 
 
-# ---------------------------------------------------------------------------------------------- chat
+# ---------------------------------------------------------------------------------------------- generation
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
-    body = await read_json(request)
-    chat = parse(ChatCompletionRequest, body, request.app)
-    request_id = request_id_var.get()
-    translated = chat_to_proto(chat, request_id)
-    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-    created = int(time.time())
-    n = translated.request.n or 1
-
-    call = _start(request, translated.request)
-    try:
-        first = await _first_message(request, call, translated.param_alias)
-        if chat.stream:
-            include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
-            encoder = ChatChunkEncoder(completion_id, created, chat.model, include_usage)
-            return await _stream(request, call, first, encoder, n, include_usage, started)
-        accumulator = ChatAccumulator(n, logprobs=bool(chat.logprobs))
-        message = first
-        while message is not grpc.aio.EOF:
-            accumulator.add(message)
-            message = await _next(request, call)
-        _count_tokens(request, accumulator.usage)
-        return web.json_response(accumulator.response(completion_id, created, chat.model), dumps=_dumps)
-    finally:
-        call.cancel()  # no-op once the call finished; aborts the generation if we stopped early
+    chat = parse(ChatCompletionRequest, await read_json(request), request.app)
+    translated = chat_to_proto(chat, request_id_var.get())
+    completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    choices = translated.n * len(translated.requests)
+    include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+    if chat.stream:
+        encoder = ChatChunkEncoder(completion_id, created, chat.model, include_usage)
+        return await _generate(request, translated, encoder, None, started)
+    accumulator = ChatAccumulator(choices, logprobs=bool(chat.logprobs))
+    body = await _generate(request, translated, None, accumulator, started)
+    return web.json_response(accumulator.response(completion_id, created, chat.model, body), dumps=_dumps)
 
 
-def _start(request: web.Request, message: pb.GenerateRequest):
+async def completions(request: web.Request) -> web.StreamResponse:
+    started = time.perf_counter()
+    completion = parse(CompletionRequest, await read_json(request), request.app)
+    translated = completion_to_proto(completion, request_id_var.get())
+    completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    choices = translated.n * len(translated.requests)
+    echo = [r.input.text for r in translated.requests] if completion.echo else None
+    logprobs = completion.logprobs is not None
+    if completion.stream:
+        include_usage = bool(completion.stream_options and completion.stream_options.include_usage)
+        encoder = CompletionChunkEncoder(completion_id, created, completion.model, include_usage, choices, logprobs, echo)
+        return await _generate(request, translated, encoder, None, started)
+    accumulator = CompletionAccumulator(choices, logprobs, echo, translated.n)
+    usage = await _generate(request, translated, None, accumulator, started)
+    return web.json_response(accumulator.response(completion_id, created, completion.model, usage), dumps=_dumps)
+
+
+async def _generate(request: web.Request, translated: Translated, encoder, accumulator, started: float):
+    """Run the gRPC calls of one HTTP request. With an encoder, write an SSE stream and return the response;
+    with an accumulator, feed it every message and return the summed usage."""
     app = request.app
     backend = app[BACKEND]
-    return backend.stub.Generate(
-        message, metadata=backend.metadata(request_id_var.get()), timeout=app[CONFIG].request_timeout_s
-    )
+    metadata = backend.metadata(request_id_var.get())
+    calls = [
+        backend.stub.Generate(message, metadata=metadata, timeout=app[CONFIG].request_timeout_s)
+        for message in translated.requests
+    ]
+    try:
+        # Every call's first message (or error) comes before the HTTP status is chosen.
+        firsts = [await _read(request, call, translated.param_alias, first=True) for call in calls]
+        offsets = [i * translated.n for i in range(len(calls))]
+        messages = _merge(request, calls, firsts, offsets)
+        if encoder is None:
+            usage = None
+            async for offset, message in messages:
+                accumulator.add(message, offset)
+                if message.HasField("usage"):
+                    usage = add_usage(usage, message.usage)
+            _count_tokens(request, usage)
+            return usage
+        return await _stream(request, messages, encoder, translated.n, started)
+    finally:
+        for call in calls:
+            call.cancel()  # no-op once a call finished; aborts its generation if we stopped early
 
 
-async def _first_message(request: web.Request, call, param_alias: dict[str, str]):
+async def _read(request: web.Request, call, param_alias: dict[str, str] | None = None, first: bool = False):
     try:
         message = await call.read()
     except grpc.aio.AioRpcError as e:
         request.app[METRICS].grpc_errors.labels(e.code().name).inc()
         raise from_rpc_error(e, param_alias) from None
-    if message is grpc.aio.EOF:
+    if first and message is grpc.aio.EOF:
         raise Upstream(502, "the generation service ended the call without an answer", code="bad_gateway")
     return message
 
 
-async def _next(request: web.Request, call):
+async def _merge(request: web.Request, calls: list, firsts: list, offsets: list[int]):
+    """(choice offset, message) from every call, in arrival order. One call, the common case, needs no tasks."""
+    if len(calls) == 1:
+        message = firsts[0]
+        while message is not grpc.aio.EOF:
+            yield 0, message
+            message = await _read(request, calls[0])
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(call, first, offset) -> None:
+        try:
+            message = first
+            while message is not grpc.aio.EOF:
+                await queue.put((offset, message))
+                message = await _read(request, call)
+            await queue.put((offset, None))
+        except ApiError as e:
+            await queue.put((offset, e))
+
+    tasks = [asyncio.create_task(pump(c, f, o)) for c, f, o in zip(calls, firsts, offsets)]
     try:
-        return await call.read()
-    except grpc.aio.AioRpcError as e:
-        request.app[METRICS].grpc_errors.labels(e.code().name).inc()
-        raise from_rpc_error(e) from None
+        live = len(tasks)
+        while live:
+            offset, item = await queue.get()
+            if item is None:
+                live -= 1
+            elif isinstance(item, ApiError):
+                raise item
+            else:
+                yield offset, item
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
-async def _stream(
-    request: web.Request,
-    call,
-    first: pb.GenerateResponse,
-    encoder: ChatChunkEncoder,
-    n: int,
-    include_usage: bool,
-    started: float,
-) -> web.StreamResponse:
+async def _stream(request: web.Request, messages, encoder, n: int, started: float) -> web.StreamResponse:
     metrics = request.app[METRICS]
     response = web.StreamResponse(headers=sse.HEADERS)
     await response.prepare(request)
-    metrics.ttfb.labels("chat").observe(time.perf_counter() - started)
+    metrics.ttfb.labels(request.match_info.route.name).observe(time.perf_counter() - started)
     metrics.open_streams.inc()
     usage = None
     try:
         payloads = encoder.start(n)
-        message = first
-        while True:
-            payloads += encoder.encode(message)
-            if message.HasField("usage"):
-                usage = message.usage
-                if include_usage:
-                    payloads.append(encoder.usage(usage))
-            await response.write(sse.events(payloads))
-            payloads = []
-            try:
-                message = await _next(request, call)
-            except ApiError as e:
-                # The stream is under way: report the failure in-band, then end the stream as usual.
-                log.warning("stream failed after it started: %s", e.message)
-                await response.write(sse.error_event(e) + sse.DONE)
-                return response
-            if message is grpc.aio.EOF:
-                break
-        await response.write(sse.DONE)
+        try:
+            async for offset, message in messages:
+                payloads += encoder.encode(message, offset)
+                if message.HasField("usage"):
+                    usage = add_usage(usage, message.usage)
+                await response.write(sse.events(payloads))
+                payloads = []
+        except ApiError as e:
+            # The stream is under way: report the failure in-band, then end the stream as usual.
+            log.warning("stream failed after it started: %s", e.message)
+            await response.write(sse.error_event(e) + sse.DONE)
+            return response
+        tail = [encoder.usage(usage)] if usage is not None and encoder.include_usage else []
+        await response.write(sse.events(tail) + sse.DONE)
         _count_tokens(request, usage)
     except ConnectionResetError:
         log.info("client went away mid-stream; cancelling the generation")
@@ -263,6 +313,7 @@ async def live(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/chat/completions", chat_completions, name="chat")
+    app.router.add_post("/v1/completions", completions, name="completions")
     app.router.add_get("/v1/models", list_models, name="models")
     app.router.add_get("/v1/models/{model_id}", get_model, name="model")
     app.router.add_get("/health", health, name="health")

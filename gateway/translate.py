@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from generate.v1 import generate_pb2 as pb
 
 from gateway.errors import BadRequest
-from gateway.protocol import ChatCompletionRequest, SamplingFields
+from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 UINT32_MAX = 2**32 - 1
 INT32_MAX = 2**31 - 1
@@ -25,9 +25,16 @@ _ROLES = {"developer": "system"}
 
 @dataclass(frozen=True)
 class Translated:
-    request: pb.GenerateRequest
+    # One gRPC call per prompt: a chat is one; a text completion may batch several prompts.
+    requests: tuple[pb.GenerateRequest, ...]
+    # Choices per prompt.
+    n: int = 1
     # Service field name → the OpenAI parameter this client used for it, for error messages.
     param_alias: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def request(self) -> pb.GenerateRequest:
+        return self.requests[0]
 
 
 def _dumps(value) -> str:
@@ -119,7 +126,7 @@ def chat_to_proto(req: ChatCompletionRequest, request_id: str) -> Translated:
         raise BadRequest("logprobs must be true when top_logprobs is set", param="top_logprobs")
     if req.logprobs:
         request.logprobs.top_logprobs = _uint(req.top_logprobs, "top_logprobs") or 0
-    return Translated(request, alias)
+    return Translated((request,), request.n or 1, alias)
 
 
 def _refuse_unsupported_chat(req: ChatCompletionRequest) -> None:
@@ -146,6 +153,50 @@ def _refuse_unsupported_chat(req: ChatCompletionRequest) -> None:
         raise BadRequest("reasoning_effort applies to reasoning models only; this model is not one", param="reasoning_effort")
 
 
+def completion_to_proto(req: CompletionRequest, request_id: str) -> Translated:
+    """One GenerateRequest per prompt: a string, a list of strings, a list of token ids, or a list of those."""
+    prompts = _prompts(req.prompt)
+    if req.suffix:
+        raise BadRequest("suffix (fill-in-the-middle) is not supported by this model", param="suffix")
+    n = _uint(req.n, "n") or 1
+    if req.best_of is not None and req.best_of != n:
+        raise BadRequest("best_of is supported only equal to n; this server returns every choice it generates", param="best_of")
+    if req.echo and req.logprobs is not None:
+        raise BadRequest("echo with logprobs needs prompt log probabilities, which this server does not compute", param="echo")
+    if req.echo and any(not isinstance(p, str) for p in prompts):
+        raise BadRequest("echo is supported for text prompts only", param="echo")
+    if req.logprobs is not None and not 0 <= req.logprobs <= 5:
+        raise BadRequest("logprobs must be between 0 and 5", param="logprobs")
+    sampling = sampling_to_proto(req, req.max_tokens, "max_tokens")
+    requests = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            input = pb.Input(text=prompt)
+        else:
+            input = pb.Input(token_ids=pb.TokenIds(ids=[_uint(t, "prompt") for t in prompt]))
+        request = pb.GenerateRequest(
+            request_id=request_id if len(prompts) == 1 else f"{request_id}-{i}",
+            model=req.model, input=input, sampling=sampling, n=n,
+        )
+        if req.logprobs is not None:
+            request.logprobs.top_logprobs = req.logprobs
+        requests.append(request)
+    return Translated(tuple(requests), n)
+
+
+def _prompts(prompt) -> list:
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise BadRequest("prompt must not be empty", param="prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [prompt]
+    for p in prompt:
+        if not p:
+            raise BadRequest("prompt must not hold an empty prompt", param="prompt")
+    return list(prompt)
+
+
 # ---------------------------------------------------------------------------------------------- responses
 
 
@@ -167,18 +218,40 @@ def usage_dict(usage: pb.Usage) -> dict:
     }
 
 
-class ChatChunkEncoder:
-    """Turns the GenerateResponse stream of one call into `chat.completion.chunk` JSON payloads."""
+def add_usage(total: pb.Usage | None, usage: pb.Usage) -> pb.Usage:
+    if total is None:
+        return pb.Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                        cached_tokens=usage.cached_tokens)
+    total.prompt_tokens += usage.prompt_tokens
+    total.completion_tokens += usage.completion_tokens
+    total.cached_tokens += usage.cached_tokens
+    return total
+
+
+class _ChunkEncoder:
+    """The bytes of a stream chunk that never change within a call, prepared once."""
+
+    object = ""
 
     def __init__(self, completion_id: str, created: int, model: str, include_usage: bool) -> None:
-        head = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+        head = {"id": completion_id, "object": self.object, "created": created, "model": model,
                 "system_fingerprint": None}
         self._head = _dumps(head)[:-1] + ',"choices":['
+        self.include_usage = include_usage
         self._tail = '],"usage":null}' if include_usage else "]}"
         self._usage_head = self._head[: -len('"choices":[')] + '"choices":[],"usage":'
 
     def _chunk(self, choice: dict) -> str:
         return self._head + _dumps(choice) + self._tail
+
+    def usage(self, usage: pb.Usage) -> str:
+        return self._usage_head + _dumps(usage_dict(usage)) + "}"
+
+
+class ChatChunkEncoder(_ChunkEncoder):
+    """Turns GenerateResponse messages into `chat.completion.chunk` payloads."""
+
+    object = "chat.completion.chunk"
 
     def start(self, n: int) -> list[str]:
         """The first chunk of every choice: the assistant role and empty content."""
@@ -187,42 +260,38 @@ class ChatChunkEncoder:
             for i in range(n)
         ]
 
-    def encode(self, response: pb.GenerateResponse) -> list[str]:
+    def encode(self, response: pb.GenerateResponse, offset: int = 0) -> list[str]:
         out = []
         for c in response.choices:
+            index = offset + c.index
             if c.text or c.logprobs:
                 logprobs = {"content": [logprob_entry(lp) for lp in c.logprobs]} if c.logprobs else None
-                out.append(self._chunk({"index": c.index, "delta": {"content": c.text}, "logprobs": logprobs,
+                out.append(self._chunk({"index": index, "delta": {"content": c.text}, "logprobs": logprobs,
                                         "finish_reason": None}))
             if c.finish_reason:
-                out.append(self._chunk({"index": c.index, "delta": {}, "logprobs": None,
+                out.append(self._chunk({"index": index, "delta": {}, "logprobs": None,
                                         "finish_reason": FINISH_REASONS.get(c.finish_reason, "stop")}))
         return out
 
-    def usage(self, usage: pb.Usage) -> str:
-        return self._usage_head + _dumps(usage_dict(usage)) + "}"
-
 
 class ChatAccumulator:
-    """Collects a GenerateResponse stream into one `chat.completion` response."""
+    """Collects GenerateResponse messages into one `chat.completion` response."""
 
-    def __init__(self, n: int, logprobs: bool) -> None:
-        self._text = [[] for _ in range(n)]
-        self._logprobs = [[] for _ in range(n)] if logprobs else None
-        self._finish: list[str | None] = [None] * n
-        self.usage: pb.Usage | None = None
+    def __init__(self, choices: int, logprobs: bool) -> None:
+        self._text = [[] for _ in range(choices)]
+        self._logprobs = [[] for _ in range(choices)] if logprobs else None
+        self._finish: list[str | None] = [None] * choices
 
-    def add(self, response: pb.GenerateResponse) -> None:
+    def add(self, response: pb.GenerateResponse, offset: int = 0) -> None:
         for c in response.choices:
-            self._text[c.index].append(c.text)
+            index = offset + c.index
+            self._text[index].append(c.text)
             if self._logprobs is not None:
-                self._logprobs[c.index].extend(logprob_entry(lp) for lp in c.logprobs)
+                self._logprobs[index].extend(logprob_entry(lp) for lp in c.logprobs)
             if c.finish_reason:
-                self._finish[c.index] = FINISH_REASONS.get(c.finish_reason, "stop")
-        if response.HasField("usage"):
-            self.usage = response.usage
+                self._finish[index] = FINISH_REASONS.get(c.finish_reason, "stop")
 
-    def response(self, completion_id: str, created: int, model: str) -> dict:
+    def response(self, completion_id: str, created: int, model: str, usage: pb.Usage | None) -> dict:
         return {
             "id": completion_id,
             "object": "chat.completion",
@@ -238,5 +307,113 @@ class ChatAccumulator:
                 }
                 for i, parts in enumerate(self._text)
             ],
-            "usage": usage_dict(self.usage) if self.usage is not None else None,
+            "usage": usage_dict(usage) if usage is not None else None,
+        }
+
+
+class _TextLogprobs:
+    """The legacy completions logprobs object of one choice: parallel lists plus character offsets."""
+
+    def __init__(self) -> None:
+        self.tokens: list[str] = []
+        self.token_logprobs: list[float] = []
+        self.top_logprobs: list[dict[str, float]] = []
+        self.text_offset: list[int] = []
+
+    def add(self, lp: pb.TokenLogprob, offset: int) -> None:
+        self.tokens.append(lp.token)
+        self.token_logprobs.append(lp.logprob)
+        self.top_logprobs.append({t.token: t.logprob for t in lp.top_logprobs})
+        self.text_offset.append(offset)
+
+    def as_dict(self) -> dict:
+        return {"tokens": self.tokens, "token_logprobs": self.token_logprobs, "top_logprobs": self.top_logprobs,
+                "text_offset": self.text_offset}
+
+
+def _text_logprobs(c: pb.ChoiceDelta, text_offset: int) -> _TextLogprobs:
+    logprobs = _TextLogprobs()
+    for lp in c.logprobs:
+        logprobs.add(lp, text_offset)
+        text_offset += len(lp.token)
+    return logprobs
+
+
+class CompletionChunkEncoder(_ChunkEncoder):
+    """Turns GenerateResponse messages into `text_completion` stream payloads."""
+
+    object = "text_completion"
+
+    def __init__(self, completion_id: str, created: int, model: str, include_usage: bool, choices: int,
+                 logprobs: bool, echo: list[str] | None = None) -> None:
+        super().__init__(completion_id, created, model, include_usage)
+        self._logprobs = logprobs
+        self._echo = echo
+        # Characters emitted so far per choice, for logprobs' text_offset.
+        self._offsets = [0] * choices
+
+    def start(self, n: int) -> list[str]:
+        """With echo, each choice's first chunk is its prompt."""
+        if not self._echo:
+            return []
+        out = []
+        for p, prompt in enumerate(self._echo):
+            for i in range(n):
+                self._offsets[p * n + i] = len(prompt)
+                out.append(self._chunk({"index": p * n + i, "text": prompt, "logprobs": None, "finish_reason": None}))
+        return out
+
+    def encode(self, response: pb.GenerateResponse, offset: int = 0) -> list[str]:
+        out = []
+        for c in response.choices:
+            index = offset + c.index
+            logprobs = _text_logprobs(c, self._offsets[index]).as_dict() if self._logprobs else None
+            self._offsets[index] += len(c.text)
+            finish = FINISH_REASONS.get(c.finish_reason, "stop") if c.finish_reason else None
+            out.append(self._chunk({"index": index, "text": c.text, "logprobs": logprobs, "finish_reason": finish}))
+        return out
+
+
+class CompletionAccumulator:
+    """Collects GenerateResponse messages into one `text_completion` response."""
+
+    def __init__(self, choices: int, logprobs: bool, echo: list[str] | None = None, n: int = 1) -> None:
+        self._text = [[] for _ in range(choices)]
+        if echo:
+            for i in range(choices):
+                self._text[i].append(echo[i // n])
+        self._logprobs = [_TextLogprobs() for _ in range(choices)] if logprobs else None
+        self._length = [len(parts[0]) if parts else 0 for parts in self._text]
+        self._finish: list[str | None] = [None] * choices
+
+    def add(self, response: pb.GenerateResponse, offset: int = 0) -> None:
+        for c in response.choices:
+            index = offset + c.index
+            if self._logprobs is not None:
+                position = self._length[index]
+                for lp in c.logprobs:
+                    self._logprobs[index].add(lp, position)
+                    position += len(lp.token)
+            self._text[index].append(c.text)
+            self._length[index] += len(c.text)
+            if c.finish_reason:
+                self._finish[index] = FINISH_REASONS.get(c.finish_reason, "stop")
+
+    def response(self, completion_id: str, created: int, model: str, usage: pb.Usage | None) -> dict:
+        return {
+            "id": completion_id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "system_fingerprint": None,
+            "choices": [
+                {
+                    "index": i,
+                    "text": "".join(parts),
+                    "logprobs": self._logprobs[i].as_dict() if self._logprobs is not None else None,
+                    "finish_reason": self._finish[i] or "stop",
+                }
+                for i, parts in enumerate(self._text)
+            ],
+            "usage": usage_dict(usage) if usage is not None else None,
         }

@@ -16,6 +16,7 @@ from generate.v1 import generate_pb2_grpc
 from tests.helpers.procs import ROOT, Proc, spawn, wait_for_file
 
 API_KEY = "sk-test-" + "k" * 24
+CORS_ORIGIN = "https://app.example"
 
 
 @dataclass
@@ -50,7 +51,7 @@ def stack(tmp_path_factory) -> Stack:
         [str(ROOT / "deploy" / "run_local.py"), "--gateway-host", "127.0.0.1", "--gateway-port", "0",
          "--grpc-port", "0", "--ready-file", str(ready)],
         tmp / "stack.log",
-        {"API_KEYS": API_KEY, "CHATSERVE_METRICS_PORT": "-1"},
+        {"API_KEYS": API_KEY, "CHATSERVE_METRICS_PORT": "-1", "CHATSERVE_CORS_ORIGINS": CORS_ORIGIN},
     )
     info = json.loads(wait_for_file(ready, launcher, timeout=300))
     yield Stack(info["base_url"], info["grpc_target"], info["api_key"], launcher)

@@ -121,9 +121,8 @@ def test_accumulator_builds_a_completion_with_logprobs():
     lp = pb.TokenLogprob(token_id=5, token="A", logprob=-0.5, token_bytes=b"A",
                          top_logprobs=[pb.TopLogprob(token_id=5, token="A", logprob=-0.5, token_bytes=b"A")])
     accumulator.add(response(pb.ChoiceDelta(index=0, text="A", token_ids=[5], logprobs=[lp])))
-    accumulator.add(response(pb.ChoiceDelta(index=0, finish_reason=pb.FINISH_REASON_STOP),
-                             usage=pb.Usage(prompt_tokens=2, completion_tokens=2)))
-    result = accumulator.response("c", 1, "m")
+    accumulator.add(response(pb.ChoiceDelta(index=0, finish_reason=pb.FINISH_REASON_STOP)))
+    result = accumulator.response("c", 1, "m", pb.Usage(prompt_tokens=2, completion_tokens=2))
     choice = result["choices"][0]
     assert choice["message"]["content"] == "A" and choice["finish_reason"] == "stop"
     assert choice["logprobs"]["content"] == [{"token": "A", "logprob": -0.5, "bytes": [65],
