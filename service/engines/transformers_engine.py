@@ -9,7 +9,6 @@ sequence in the batch; outputs arrive on the event loop through the library's re
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 import uuid
@@ -31,7 +30,6 @@ from service.domain import (
     Input,
     ModelInfo,
     ResolvedSampling,
-    SamplingDefaults,
     TokenLogprob,
     TopLogprob,
     Usage,
@@ -40,6 +38,9 @@ from service.domain import (
 )
 from service.engines.base import EngineStats
 from service.engines.default_model import ensure_default_model
+from service.engines.hf_model import model_name as _model_name
+from service.engines.hf_model import sampling_defaults as _sampling_defaults
+from service.engines.hf_model import token_bytes as _token_bytes
 from service.engines.prompt import PromptRenderer
 from service.engines.sampling import RequestSampler, SamplingPlan
 from service.engines.text import IncrementalDetokenizer, StopMatcher
@@ -325,27 +326,6 @@ class _Choice:
     finished_in_engine: bool = False
 
 
-def _model_name(path: Path) -> str:
-    name = path.name
-    # The prepared default lives in a versioned folder ("SmolLM2-135M-Instruct-v1"); serve it by its own name.
-    from service.engines.default_model import FORMAT, NAME
-
-    return NAME if name == f"{NAME}-v{FORMAT}" else name
-
-
-def _sampling_defaults(generation_config: GenerationConfig) -> SamplingDefaults:
-    """The values the model's generation_config.json sets explicitly; OpenAI's defaults for the rest."""
-    explicit = generation_config.to_diff_dict()
-    base = SamplingDefaults()
-    return SamplingDefaults(
-        temperature=float(explicit.get("temperature", base.temperature)),
-        top_p=float(explicit.get("top_p", base.top_p)),
-        top_k=int(explicit.get("top_k", base.top_k) or 0),
-        min_p=float(explicit.get("min_p", base.min_p) or 0.0),
-        repetition_penalty=float(explicit.get("repetition_penalty", base.repetition_penalty)),
-    )
-
-
 def _eos_ids(generation_config: GenerationConfig, tokenizer) -> list[int]:
     ids: list[int] = []
     for source in (generation_config.eos_token_id, tokenizer.eos_token_id):
@@ -353,27 +333,3 @@ def _eos_ids(generation_config: GenerationConfig, tokenizer) -> list[int]:
             if token is not None and token not in ids:
                 ids.append(int(token))
     return ids
-
-
-def _token_bytes(tokenizer, token: int) -> bytes:
-    """The exact bytes of one token. Byte-level BPE vocabularies (GPT-2, Llama 3, Qwen, SmolLM) spell bytes as
-    printable characters; map them back, so a token holding half a character still gives its true bytes."""
-    piece = tokenizer.convert_ids_to_tokens(token)
-    table = _byte_decoder()
-    if piece and all(ch in table for ch in piece):
-        return bytes(table[ch] for ch in piece)
-    return tokenizer.decode([token]).encode("utf-8")
-
-
-@functools.cache
-def _byte_decoder() -> dict[str, int]:
-    # GPT-2's byte-to-unicode table: printable bytes map to themselves, the rest to code points from 256 up.
-    byte_values = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars = byte_values[:]
-    extra = 0
-    for b in range(256):
-        if b not in byte_values:
-            byte_values.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(byte_values, chars)}

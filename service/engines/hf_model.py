@@ -1,0 +1,58 @@
+"""What every engine reads from a Hugging Face model folder besides the weights: the name it is served under,
+its sampling defaults, and the exact bytes of its tokens. No torch import, so every backend can share it."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+from service.domain import SamplingDefaults
+
+
+def model_name(path: Path) -> str:
+    name = path.name
+    # The prepared default lives in a versioned folder ("SmolLM2-135M-Instruct-v1"); serve it by its own name.
+    from service.engines.default_model import FORMAT, NAME
+
+    return NAME if name == f"{NAME}-v{FORMAT}" else name
+
+
+def sampling_defaults(generation_config: Any) -> SamplingDefaults:
+    """The values the model's generation_config.json sets explicitly; OpenAI's defaults for the rest.
+
+    `generation_config` is a transformers GenerationConfig."""
+    explicit = generation_config.to_diff_dict()
+    base = SamplingDefaults()
+    return SamplingDefaults(
+        temperature=float(explicit.get("temperature", base.temperature)),
+        top_p=float(explicit.get("top_p", base.top_p)),
+        top_k=int(explicit.get("top_k", base.top_k) or 0),
+        min_p=float(explicit.get("min_p", base.min_p) or 0.0),
+        repetition_penalty=float(explicit.get("repetition_penalty", base.repetition_penalty)),
+        max_tokens=explicit.get("max_new_tokens"),
+    )
+
+
+def token_bytes(tokenizer: Any, token: int) -> bytes:
+    """The exact bytes of one token. Byte-level BPE vocabularies (GPT-2, Llama 3, Qwen, SmolLM) spell bytes as
+    printable characters; map them back, so a token holding half a character still gives its true bytes."""
+    piece = tokenizer.convert_ids_to_tokens(token)
+    table = _byte_decoder()
+    if piece and all(ch in table for ch in piece):
+        return bytes(table[ch] for ch in piece)
+    return tokenizer.decode([token]).encode("utf-8")
+
+
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    # GPT-2's byte-to-unicode table: printable bytes map to themselves, the rest to code points from 256 up.
+    byte_values = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = byte_values[:]
+    extra = 0
+    for b in range(256):
+        if b not in byte_values:
+            byte_values.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(byte_values, chars)}
