@@ -1,0 +1,692 @@
+"""The SGLang engine's pure parts, without sglang installed: cumulative chunks to deltas, finish reasons,
+usage, the sampling and server-argument mappings, and `SGLangEngine.generate` driven by a stand-in engine.
+
+The chunks here follow SGLang 0.5.23's streaming shape (read from its tokenizer_manager.py): cumulative
+`text`, `output_ids` as a live list that grows after it was handed out, `meta_info` with `finish_reason` None
+until the end. tests/contract_sglang/ checks the same code against chunks produced by sglang's own code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+from types import MappingProxyType
+
+import pytest
+
+from service.config import ServiceConfig
+from service.domain import (
+    ChatInput,
+    FinishReason,
+    GenerateRequest,
+    Message,
+    ResolvedSampling,
+    SamplingParams,
+    TextInput,
+)
+from service.engines.default_model import prepared_path
+from service.engines.sglang_engine import (
+    CumulativeToDelta,
+    SGLangEngine,
+    abort_error,
+    engine_kwargs,
+    sampling_params,
+)
+from service.errors import EngineFailure, InvalidArgument, Overloaded, Unavailable
+
+EOS = 2
+
+
+class Stream:
+    """Builds chunks the way SGLang's tokenizer manager does in its default (cumulative) streaming mode."""
+
+    def __init__(self, prompt_tokens: int = 7, cached_tokens: int = 0) -> None:
+        self.text = ""
+        self.ids: list[int] = []  # the live list: every intermediate chunk hands out this same object
+        self.prompt_tokens = prompt_tokens
+        self.cached_tokens = cached_tokens
+        self.logprobs: list[tuple] = []
+        self.top: list = []
+
+    def chunk(self, text: str, ids: list[int], finish: dict | None = None, logprobs: bool = False) -> dict:
+        self.text += text
+        self.ids.extend(ids)
+        meta = {
+            "id": "rid",
+            "finish_reason": finish,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": len(self.ids),
+            "cached_tokens": self.cached_tokens,
+        }
+        if logprobs:
+            for t in ids:
+                self.logprobs.append((-0.25 * t, t, None))
+                self.top.append([(-0.25 * t, t, None), (-9.0, 99, None)])
+            meta["output_token_logprobs"] = self.logprobs
+            meta["output_top_logprobs"] = self.top
+        return {"text": self.text, "output_ids": self.ids.copy() if finish else self.ids, "meta_info": meta}
+
+    def set_text(self, text: str, ids: list[int], finish: dict | None = None) -> dict:
+        """A chunk whose whole text is `text` (its tail may differ from the previous chunk's)."""
+        self.text = ""
+        return self.chunk(text, ids, finish)
+
+
+def run(conv: CumulativeToDelta, chunks):
+    """Makes and feeds one chunk at a time, as the engine reads them: SGLang's live id list grows after."""
+    deltas = [d for d in (conv.feed(make()) for make in chunks) if d is not None]
+    return deltas, "".join(d.text for d in deltas), [t for d in deltas for t in d.token_ids]
+
+
+def token_repr(token: int) -> tuple[str, bytes]:
+    return f"<{token}>", f"<{token}>".encode()
+
+
+# ---------------------------------------------------------------------------------------------- deltas
+
+
+def test_cumulative_chunks_become_deltas_and_live_ids_are_copied():
+    s = Stream()
+    conv = CumulativeToDelta(0)
+    first = conv.feed(s.chunk("Hello", [10]))
+    # SGLang keeps appending to the list it handed out; the delta must not see that.
+    live = s.ids
+    second = conv.feed(s.chunk(" world", [11, 12]))
+    assert live is s.ids and live == [10, 11, 12]
+    assert (first.text, first.token_ids) == ("Hello", [10])
+    assert (second.text, second.token_ids) == (" world", [11, 12])
+    last = conv.feed(s.chunk("!", [13], {"type": "length", "length": 4}))
+    assert (last.text, last.token_ids, last.finish_reason) == ("!", [13], FinishReason.LENGTH)
+    assert conv.done and conv.completion_tokens == 4 and conv.prompt_tokens == 7
+    assert conv.feed(s.chunk("more", [14])) is None
+
+
+def test_incomplete_utf8_tail_is_held_until_replaced():
+    s = Stream()
+    conv = CumulativeToDelta(0)
+    chunks = (
+        lambda: s.set_text("Hi \ufffd", [1]),  # the first byte of a 4-byte character
+        lambda: s.set_text("Hi \ufffd\ufffd", [2]),
+        lambda: s.set_text("Hi 🙂", [3]),  # the character is complete: the tail changed
+        lambda: s.set_text("Hi 🙂 ok", [4], {"type": "stop", "matched": EOS}),
+    )
+    deltas, text, ids = run(conv, chunks)
+    assert [d.text for d in deltas] == ["Hi ", "", "🙂", " ok"]
+    assert ids == [1, 2, 3, 4]
+
+
+def test_generation_cut_inside_a_character_keeps_the_replacement_char_at_the_end():
+    s = Stream()
+    conv = CumulativeToDelta(0)
+    _, text, _ = run(
+        conv,
+        [
+            lambda: s.set_text("a\ufffd", [1]),
+            lambda: s.set_text("a\ufffd", [2], {"type": "length", "length": 2}),
+        ],
+    )
+    assert text == "a\ufffd"
+
+
+def test_stop_string_prefix_is_held_and_the_stop_never_streams():
+    s = Stream()
+    conv = CumulativeToDelta(0, stops=("END",))
+    deltas, text, ids = run(
+        conv,
+        [
+            lambda: s.chunk("Hello E", [1, 2]),
+            lambda: s.chunk("N", [3]),
+            # SGLang's last chunk: the stop string trimmed off, the stop's tokens still in output_ids.
+            lambda: s.set_text("Hello ", [4], {"type": "stop", "matched": "END"}),
+        ],
+    )
+    assert text == "Hello "
+    assert ids == [1, 2, 3, 4]
+    assert deltas[-1].finish_reason is FinishReason.STOP and deltas[-1].stop_string == "END"
+    assert all("E" not in d.text for d in deltas)
+
+
+def test_held_stop_prefix_is_released_when_it_turns_out_not_to_be_one():
+    s = Stream()
+    conv = CumulativeToDelta(0, stops=("END",))
+    first = conv.feed(s.chunk("an E", [1]))
+    second = conv.feed(s.chunk("ND? no, E", [2]))
+    third = conv.feed(s.chunk("Xit", [3], {"type": "length", "length": 3}))
+    # "END" inside a non-final chunk: SGLang did not stop there (min_tokens), so it is text.
+    assert first.text == "an "
+    assert second.text == "END? no, "
+    assert third.text == "EXit"
+
+
+def test_stop_string_left_untrimmed_is_still_cut():
+    s = Stream()
+    conv = CumulativeToDelta(0, stops=("###",))
+    _, text, _ = run(
+        conv, [lambda: s.chunk("a", [1]), lambda: s.chunk("b###c", [2], {"type": "stop", "matched": "###"})]
+    )
+    assert text == "ab"
+
+
+def test_eos_ends_the_choice_without_being_output():
+    s = Stream()
+    conv = CumulativeToDelta(0, stop_token_ids=frozenset({50}), want_logprobs=True, token_repr=token_repr)
+    deltas, text, ids = run(
+        conv,
+        [
+            lambda: s.chunk("a", [5], logprobs=True),
+            lambda: s.chunk("", [EOS], {"type": "stop", "matched": EOS}, logprobs=True),
+        ],
+    )
+    last = deltas[-1]
+    assert (last.finish_reason, last.stop_string, last.stop_token_id) == (FinishReason.STOP, None, None)
+    assert ids == [5]
+    assert [lp.token_id for d in deltas for lp in d.logprobs] == [5]
+    assert conv.completion_tokens == 2  # the EOS counts, as with the transformers engine
+
+
+def test_requested_stop_token_is_reported():
+    s = Stream()
+    conv = CumulativeToDelta(0, stop_token_ids=frozenset({50}))
+    deltas, _, ids = run(
+        conv, [lambda: s.chunk("a", [5]), lambda: s.chunk("", [50], {"type": "stop", "matched": 50})]
+    )
+    assert deltas[-1].stop_token_id == 50 and ids == [5]
+
+
+def test_a_stop_sglang_made_up_is_a_plain_stop():
+    # SGLang finishes a request whose logits went NaN with FINISH_MATCHED_STR("NaN happened").
+    s = Stream()
+    conv = CumulativeToDelta(0, stops=("END",))
+    (delta,) = run(conv, [lambda: s.chunk("x", [1], {"type": "stop", "matched": "NaN happened"})])[0]
+    assert (delta.finish_reason, delta.stop_string, delta.stop_token_id) == (FinishReason.STOP, None, None)
+
+
+def test_logprobs_follow_the_ids_and_keep_sglang_tuple_order():
+    s = Stream()
+    conv = CumulativeToDelta(0, want_logprobs=True, token_repr=token_repr)
+    deltas, _, _ = run(
+        conv,
+        [
+            lambda: s.chunk("ab", [3, 4], logprobs=True),
+            lambda: s.chunk("c", [5], {"type": "length", "length": 3}, logprobs=True),
+        ],
+    )
+    lps = [lp for d in deltas for lp in d.logprobs]
+    assert [(lp.token_id, lp.logprob, lp.token, lp.token_bytes) for lp in lps] == [
+        (3, -0.75, "<3>", b"<3>"),
+        (4, -1.0, "<4>", b"<4>"),
+        (5, -1.25, "<5>", b"<5>"),
+    ]
+    assert [(t.token_id, t.logprob) for t in lps[0].top] == [(3, -0.75), (99, -9.0)]
+
+
+def test_ids_wait_for_their_logprobs():
+    s = Stream()
+    conv = CumulativeToDelta(0, want_logprobs=True, token_repr=token_repr)
+    chunk = s.chunk("ab", [3, 4], logprobs=True)
+    chunk["meta_info"]["output_token_logprobs"] = chunk["meta_info"]["output_token_logprobs"][:1]
+    delta = conv.feed(chunk)
+    assert delta.token_ids == [3] and len(delta.logprobs) == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [
+        (400, InvalidArgument),
+        (429, Overloaded),
+        (503, Unavailable),
+        (500, EngineFailure),
+        (None, EngineFailure),
+    ],
+)
+def test_abort_chunks_without_token_counts_raise_by_status(status, error):
+    s = Stream()
+    conv = CumulativeToDelta(0)
+    conv.feed(s.chunk("a", [1]))
+    # _handle_abort_req's chunk: no prompt_tokens or cached_tokens in meta_info.
+    abort = {
+        "text": "a",
+        "output_ids": [1],
+        "meta_info": {
+            "id": "rid",
+            "finish_reason": {"type": "abort", "message": "Input is too long", "status_code": status},
+            "completion_tokens": 1,
+        },
+    }
+    with pytest.raises(error) as raised:
+        conv.feed(abort)
+    assert conv.done
+    if error is InvalidArgument:
+        assert raised.value.field == "input" and "too long" in raised.value.message
+    else:
+        assert "too long" not in raised.value.message
+
+
+def test_abort_error_reads_http_status_enums():
+    from http import HTTPStatus
+
+    assert isinstance(abort_error({"type": "abort", "status_code": HTTPStatus.BAD_REQUEST}), InvalidArgument)
+
+
+def test_usage_fields_come_from_meta_info():
+    s = Stream(prompt_tokens=12, cached_tokens=8)
+    conv = CumulativeToDelta(0)
+    run(conv, [lambda: s.chunk("a", [1]), lambda: s.chunk("b", [2], {"type": "length", "length": 2})])
+    assert (conv.prompt_tokens, conv.completion_tokens, conv.cached_tokens) == (12, 2, 8)
+
+
+def test_random_chunking_never_takes_text_back():
+    rng = random.Random(7)
+    final = "Grüße 🙂, 東京 END-ish and ENDING; done"
+    stops = ("ENDx", "; d0")
+    for _ in range(200):
+        s = Stream()
+        conv = CumulativeToDelta(0, stops=stops)
+        cuts = sorted(rng.sample(range(1, len(final)), 6))
+        sent = ""
+        for cut in cuts:
+            shown = final[:cut]
+            if rng.random() < 0.3 and ord(shown[-1]) > 127:
+                shown = shown[:-1] + "\ufffd"  # that character's bytes are incomplete so far
+            d = conv.feed(s.set_text(shown, [cut]))
+            if d is not None:
+                sent += d.text
+            assert final.startswith(sent)
+        d = conv.feed(s.set_text(final, [len(final)], {"type": "length", "length": 9}))
+        sent += d.text
+        assert sent == final
+
+
+# ---------------------------------------------------------------------------------------------- mappings
+
+
+def resolved(**overrides) -> ResolvedSampling:
+    values = dict(
+        max_tokens=16,
+        min_tokens=2,
+        temperature=0.7,
+        top_p=0.9,
+        top_k=0,
+        min_p=0.05,
+        frequency_penalty=0.5,
+        presence_penalty=-0.5,
+        repetition_penalty=1.1,
+        stop=("\n\n",),
+        stop_token_ids=(7,),
+        ignore_eos=False,
+        seed=41,
+        logit_bias=MappingProxyType({5: -100.0, 6: 2.5}),
+        skip_special_tokens=False,
+    )
+    values.update(overrides)
+    return ResolvedSampling(**values)
+
+
+def test_sampling_params_maps_every_field_in_sglang_keys():
+    p = sampling_params(resolved(), choice=1)
+    assert p == {
+        "max_new_tokens": 16,
+        "min_new_tokens": 2,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "top_k": -1,
+        "min_p": 0.05,
+        "frequency_penalty": 0.5,
+        "presence_penalty": -0.5,
+        "repetition_penalty": 1.1,
+        "stop": ["\n\n"],
+        "stop_token_ids": [7],
+        "ignore_eos": False,
+        "skip_special_tokens": False,
+        "logit_bias": {"5": -100.0, "6": 2.5},
+        "sampling_seed": 42,
+    }
+    # Every field of ResolvedSampling has its SGLang key: a new field fails here until it is mapped.
+    renamed = {"max_tokens": "max_new_tokens", "min_tokens": "min_new_tokens", "seed": "sampling_seed"}
+    assert {renamed.get(f, f) for f in ResolvedSampling.__dataclass_fields__} == set(p)
+
+
+def test_sampling_params_defaults_and_edges():
+    p = sampling_params(
+        resolved(stop=(), stop_token_ids=(), logit_bias=MappingProxyType({}), seed=None, top_k=40)
+    )
+    assert (p["stop"], p["stop_token_ids"], p["logit_bias"], p["sampling_seed"], p["top_k"]) == (
+        None,
+        None,
+        None,
+        None,
+        40,
+    )
+    assert sampling_params(resolved(seed=2**63 - 1), choice=1)["sampling_seed"] == 0
+    assert "seed" not in p and "n" not in p
+
+
+def test_ignore_eos_with_stop_token_ids_is_refused():
+    with pytest.raises(InvalidArgument) as raised:
+        sampling_params(resolved(ignore_eos=True))
+    assert raised.value.field == "sampling.stop_token_ids"
+    assert sampling_params(resolved(ignore_eos=True, stop_token_ids=()))["ignore_eos"] is True
+
+
+def test_engine_kwargs():
+    kwargs = engine_kwargs(ServiceConfig(model="/models/Qwen3-8B"))
+    assert kwargs["model_path"] == "/models/Qwen3-8B"
+    assert kwargs["served_model_name"] == "Qwen3-8B"
+    assert kwargs["schedule_policy"] == "lpm"
+    assert "disable_radix_cache" not in kwargs
+    assert not {
+        "context_length",
+        "mem_fraction_static",
+        "chunked_prefill_size",
+        "max_running_requests",
+        "quantization",
+    } & set(kwargs)
+    full = engine_kwargs(
+        ServiceConfig(
+            model="/m/x",
+            served_model_name="x-chat",
+            tp_size=2,
+            context_length=8192,
+            mem_fraction_static=0.8,
+            chunked_prefill_size=4096,
+            max_running_requests=64,
+            schedule_policy="fcfs",
+            quantization="fp8",
+            dtype="bfloat16",
+        )
+    )
+    assert {
+        k: full[k]
+        for k in (
+            "served_model_name",
+            "tp_size",
+            "context_length",
+            "mem_fraction_static",
+            "chunked_prefill_size",
+            "max_running_requests",
+            "schedule_policy",
+            "quantization",
+            "dtype",
+        )
+    } == {
+        "served_model_name": "x-chat",
+        "tp_size": 2,
+        "context_length": 8192,
+        "mem_fraction_static": 0.8,
+        "chunked_prefill_size": 4096,
+        "max_running_requests": 64,
+        "schedule_policy": "fcfs",
+        "quantization": "fp8",
+        "dtype": "bfloat16",
+    }
+    with pytest.raises(ValueError):
+        engine_kwargs(ServiceConfig())
+
+
+# ---------------------------------------------------------------------------------------------- the engine
+
+
+MODEL = prepared_path()
+needs_model = pytest.mark.skipif(not (MODEL / "tokenizer.json").is_file(), reason="run `make model` first")
+
+
+class FakeTokenizerManager:
+    def __init__(self, engine: FakeSGLangEngine) -> None:
+        self.engine = engine
+        self.context_len = 2048
+        self.model_config = type("ModelConfig", (), {"vocab_size": 49152})()
+        self.gracefully_exit = False
+        self.asyncio_tasks: set = set()
+        self.aborted: list[str] = []
+
+    def abort_request(self, rid: str = "", abort_all: bool = False) -> None:
+        self.aborted.append(rid)
+
+    def auto_create_handle_loop(self) -> None:
+        # What SGLang's does in the main thread: its own SIGTERM handler on the running loop.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self.engine.sglang_sigterm.set)
+
+
+class FakeSGLangEngine:
+    """Stands in for `sglang.Engine` only because no GPU exists here: SGLang cannot run on this machine's CPU.
+
+    Its streams follow a script of SGLang-shaped cumulative chunks (see `Stream`); it records the calls the
+    engine makes and which streams were closed before their end. The real package's signatures and chunk
+    shapes are checked in tests/contract_sglang/.
+    """
+
+    def __init__(self, script=None, **server_args) -> None:
+        self.server_args = server_args
+        self.script = script or self.default_script
+        self.calls: list[dict] = []
+        self.closed_early: list[str] = []
+        self.shut_down = False
+        self.sglang_sigterm = asyncio.Event()
+        self.tokenizer_manager = FakeTokenizerManager(self)
+
+    @staticmethod
+    async def default_script(call):
+        s = Stream(prompt_tokens=len(call["input_ids"]), cached_tokens=3)
+        yield s.chunk("Hi", [100])
+        yield s.chunk(" there", [101, EOS], {"type": "stop", "matched": EOS})
+
+    async def async_generate(
+        self,
+        prompt=None,
+        sampling_params=None,
+        input_ids=None,
+        return_logprob=False,
+        top_logprobs_num=None,
+        stream=False,
+        rid=None,
+    ):
+        call = dict(
+            input_ids=input_ids,
+            sampling_params=sampling_params,
+            rid=rid,
+            stream=stream,
+            return_logprob=return_logprob,
+            top_logprobs_num=top_logprobs_num,
+        )
+        self.calls.append(call)
+        return self._stream(call)
+
+    async def _stream(self, call):
+        finished = False
+        script = self.default_script if call["rid"].startswith("warmup/") else self.script
+        try:
+            async for chunk in script(call):
+                await asyncio.sleep(0)
+                finished = chunk["meta_info"]["finish_reason"] is not None
+                yield chunk
+        finally:
+            if not finished:
+                self.closed_early.append(call["rid"])
+
+    def shutdown(self) -> None:
+        self.shut_down = True
+
+    def get_all_child_pids(self) -> list[int]:
+        return []
+
+
+async def started(script=None) -> tuple[SGLangEngine, FakeSGLangEngine]:
+    fakes = []
+
+    def factory(**kwargs):
+        fakes.append(FakeSGLangEngine(script, **kwargs))
+        return fakes[0]
+
+    engine = SGLangEngine(ServiceConfig(model=str(MODEL), engine="sglang"), engine_factory=factory)
+    await engine.start()
+    fakes[0].calls.clear()
+    return engine, fakes[0]
+
+
+def chat(text: str) -> ChatInput:
+    return ChatInput(messages=(Message("user", text),))
+
+
+@needs_model
+async def test_generate_renders_tokenizes_and_streams():
+    engine, fake = await started()
+    assert engine.info.engine == "sglang" and engine.info.context_length == 2048
+    assert engine.info.name == "SmolLM2-135M-Instruct"
+    assert fake.server_args["schedule_policy"] == "lpm"
+    request = GenerateRequest(request_id="r1", input=chat("hello"), sampling=SamplingParams(max_tokens=5))
+    outputs = [o async for o in engine.generate(request)]
+    (call,) = fake.calls
+    assert call["input_ids"] == engine._renderer.token_ids(request.input)
+    assert call["stream"] is True and call["rid"].startswith("r1/0/")
+    assert call["sampling_params"]["max_new_tokens"] == 5
+    assert call["return_logprob"] is False
+    text = "".join(c.text for o in outputs for c in o.choices)
+    assert text == "Hi there"
+    assert outputs[-1].choices[-1].finish_reason is FinishReason.STOP
+    assert outputs[-1].usage.prompt_tokens == engine.count_tokens(request.input)
+    assert outputs[-1].usage.completion_tokens == 3 and outputs[-1].usage.cached_tokens == 3
+    assert all(o.usage is None for o in outputs[:-1])
+    assert fake.closed_early == [] and engine.stats().running == engine.stats().waiting == 0
+    await engine.stop()
+    assert fake.shut_down and not engine.is_alive()
+
+
+@needs_model
+async def test_n_choices_are_separate_requests_with_their_own_seeds_merged_by_index():
+    async def script(call):
+        i = int(call["rid"].split("/")[1])
+        s = Stream(prompt_tokens=len(call["input_ids"]), cached_tokens=[0, 5][i])
+        for k in range(i + 2):
+            yield s.chunk(f"{i}", [10 + k])
+        yield s.chunk(".", [20], {"type": "length", "length": i + 3})
+
+    engine, fake = await started(script)
+    request = GenerateRequest(
+        request_id="r2", input=TextInput("x"), n=2, sampling=SamplingParams(max_tokens=8, seed=9)
+    )
+    outputs = [o async for o in engine.generate(request)]
+    assert [c["sampling_params"]["sampling_seed"] for c in fake.calls] == [9, 10]
+    assert len({c["rid"] for c in fake.calls}) == 2
+    texts = {0: "", 1: ""}
+    for o in outputs:
+        assert [c.index for c in o.choices] == sorted({c.index for c in o.choices})
+        for c in o.choices:
+            texts[c.index] += c.text
+    assert texts == {0: "00.", 1: "111."}
+    assert outputs[-1].usage.completion_tokens == 3 + 4
+    assert outputs[-1].usage.cached_tokens == 0
+    await engine.stop()
+
+
+@needs_model
+async def test_closing_the_stream_aborts_every_unfinished_choice():
+    gate = asyncio.Event()
+
+    async def script(call):
+        s = Stream()
+        yield s.chunk("a", [1])
+        await gate.wait()  # never set: the request is still generating when the caller leaves
+        yield s.chunk("b", [2], {"type": "length", "length": 2})
+
+    engine, fake = await started(script)
+    request = GenerateRequest(
+        request_id="r3", input=TextInput("x"), n=2, sampling=SamplingParams(max_tokens=8)
+    )
+    stream = engine.generate(request)
+    first = await anext(stream)
+    assert first.choices and first.usage is None
+    assert engine.stats().running == 2
+    await stream.aclose()
+    rids = sorted(c["rid"] for c in fake.calls)
+    assert sorted(fake.closed_early) == rids
+    assert sorted(fake.tokenizer_manager.aborted) == rids
+    assert engine.stats().running == engine.stats().waiting == 0
+    await engine.stop()
+
+
+@needs_model
+async def test_an_abort_mid_stream_raises_and_stops_the_other_choices():
+    async def script(call):
+        s = Stream()
+        yield s.chunk("a", [1])
+        if call["rid"].split("/")[1] == "0":
+            yield {
+                "text": "a",
+                "output_ids": [1],
+                "meta_info": {
+                    "id": call["rid"],
+                    "completion_tokens": 1,
+                    "finish_reason": {"type": "abort", "message": "KV cache full", "status_code": 503},
+                },
+            }
+        else:
+            await asyncio.Event().wait()
+
+    engine, fake = await started(script)
+    request = GenerateRequest(
+        request_id="r4", input=TextInput("x"), n=2, sampling=SamplingParams(max_tokens=8)
+    )
+    with pytest.raises(Unavailable):
+        async for _ in engine.generate(request):
+            pass
+    other = next(c["rid"] for c in fake.calls if c["rid"].split("/")[1] == "1")
+    assert fake.closed_early == [other]
+    assert fake.tokenizer_manager.aborted == [other]  # the aborted one is already gone in SGLang
+    await engine.stop()
+
+
+@needs_model
+async def test_validation_happens_before_sglang_sees_the_request():
+    engine, fake = await started()
+    too_long = GenerateRequest(
+        request_id="r5", input=TextInput("x"), sampling=SamplingParams(max_tokens=4096)
+    )
+    with pytest.raises(InvalidArgument):
+        async for _ in engine.generate(too_long):
+            pass
+    refused = GenerateRequest(
+        request_id="r6", input=TextInput("x"), sampling=SamplingParams(ignore_eos=True, stop_token_ids=(5,))
+    )
+    with pytest.raises(InvalidArgument):
+        async for _ in engine.generate(refused):
+            pass
+    assert fake.calls == []
+    await engine.stop()
+    with pytest.raises(Unavailable):
+        async for _ in engine.generate(refused):
+            pass
+
+
+@needs_model
+async def test_stop_wakes_readers_of_requests_still_in_flight():
+    async def script(call):
+        s = Stream()
+        yield s.chunk("a", [1])
+        await asyncio.Event().wait()
+
+    engine, fake = await started(script)
+    stream = engine.generate(GenerateRequest(request_id="r7", input=TextInput("x")))
+    await anext(stream)
+    reader = asyncio.create_task(anext(stream))
+    await asyncio.sleep(0.01)
+    await engine.stop()
+    with pytest.raises(Unavailable):
+        await reader
+    await stream.aclose()
+
+
+@needs_model
+async def test_the_service_keeps_its_sigterm_handler():
+    loop = asyncio.get_running_loop()
+    service_sigterm = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, service_sigterm.set)
+    try:
+        engine, fake = await started()
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(service_sigterm.wait(), 5)
+        assert not fake.sglang_sigterm.is_set()
+        await engine.stop()
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
