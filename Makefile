@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
+SGLANG_VENV ?= .venv-sglang
+SGLANG_STAMP := $(SGLANG_VENV)/.installed
 GATEWAY_PORT ?= 8000
 GRPC_PORT ?= 50051
 
@@ -31,6 +33,24 @@ test: $(STAMP) model
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit
+
+# The SGLang engine's contract tests, against the real sglang package in a venv of its own (~11 GB, minutes).
+# sglang 0.5.23 pins torch==2.14.1 exactly, so the CPU build 2.13.0 of the main venv cannot satisfy it, and the
+# registries offer 2.14.1 only as the CUDA build; that imports fine without a GPU, and nothing here runs a
+# kernel. Pinned first, so no resolver step picks another torch. The sglang extra carries the sglang pin.
+# `pip check` proves sglang's pins agree with ours: protobuf resolves to 7.x, which our committed stubs need
+# (>=7.35.1) and under which sglang's own gRPC stubs (generated for protobuf 6.33) still load.
+$(SGLANG_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(SGLANG_VENV)
+	$(SGLANG_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(SGLANG_VENV)/bin/python -m pip install --quiet torch==2.14.1
+	$(SGLANG_VENV)/bin/python -m pip install --quiet -e '.[gateway,dev,sglang]'
+	$(SGLANG_VENV)/bin/python -m pip check
+	touch $@
+
+# The tests read the default model's tokenizer, prepared by the main venv (`make model`).
+test-sglang: $(SGLANG_STAMP) model
+	$(SGLANG_VENV)/bin/python -m pytest -q -m sglang tests/contract_sglang
 
 proto: $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto --grpc_python_out=proto proto/generate/v1/generate.proto
