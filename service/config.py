@@ -53,11 +53,15 @@ class ServiceConfig:
     # On SIGTERM: how long in-flight generations may run on before they are cancelled.
     shutdown_grace_s: float = 30.0
     metrics_port: int | None = 9090
+    # Written with the bound metrics port once serving (useful with --metrics-port 0).
+    metrics_port_file: str | None = None
     metrics_host: str = "127.0.0.1"
     # When set, every call must carry `authorization: Bearer <token>` metadata.
     auth_token: str | None = dataclasses.field(default=None, repr=False)
     log_level: str = "INFO"
     log_json: bool = False
+    # SIGUSR1 crashes the engine loop: for testing that a dead engine is noticed and the process restarted.
+    enable_fault_injection: bool = False
 
     def redacted(self) -> dict[str, object]:
         """The settings that differ from the defaults, with secrets masked: what the service logs at start."""
@@ -109,9 +113,11 @@ def parse_args(argv: list[str] | None = None) -> ServiceConfig:
     g = p.add_argument_group("operations")
     g.add_argument("--metrics-port", type=int, default=_env_int("METRICS_PORT", d.metrics_port), help="Prometheus /metrics port; -1 disables")
     g.add_argument("--metrics-host", default=_env("METRICS_HOST", d.metrics_host))
+    g.add_argument("--metrics-port-file", default=_env("METRICS_PORT_FILE", None), help="write the bound metrics port to this file")
     g.add_argument("--auth-token-file", default=_env("AUTH_TOKEN_FILE", None), help="require this bearer token (file content) in call metadata")
     g.add_argument("--log-level", default=_env("LOG_LEVEL", d.log_level))
     g.add_argument("--log-json", action="store_true", default=_env("LOG_JSON", "") in ("1", "true"))
+    g.add_argument("--enable-fault-injection", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     auth_token = os.environ.get("CHATSERVE_AUTH_TOKEN") or None
     if a.auth_token_file:
@@ -142,7 +148,9 @@ def parse_args(argv: list[str] | None = None) -> ServiceConfig:
         shutdown_grace_s=a.shutdown_grace,
         metrics_port=None if a.metrics_port is not None and a.metrics_port < 0 else a.metrics_port,
         metrics_host=a.metrics_host,
+        metrics_port_file=a.metrics_port_file,
         auth_token=auth_token,
         log_level=a.log_level,
         log_json=a.log_json,
+        enable_fault_injection=a.enable_fault_injection,
     )

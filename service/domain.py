@@ -16,6 +16,7 @@ from generate.v1 import generate_pb2 as pb
 from service.errors import InvalidArgument
 
 MAX_CHOICES = 16
+MAX_MESSAGES = 2048
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_LOGIT_BIAS = 1024
@@ -246,6 +247,8 @@ def validate_request(request: GenerateRequest, info: ModelInfo) -> None:
         case ChatInput(messages=messages):
             if not messages:
                 raise InvalidArgument("input.chat.messages", "messages must not be empty")
+            if len(messages) > MAX_MESSAGES:
+                raise InvalidArgument("input.chat.messages", f"at most {MAX_MESSAGES} messages are allowed")
         case TextInput(text=text):
             if not text:
                 raise InvalidArgument("input.text", "the prompt must not be empty")

@@ -73,6 +73,8 @@ async def serve(config: ServiceConfig, engine: Engine | None = None) -> ExitCode
     if config.metrics_port is not None:
         http_server, _ = start_http_server(config.metrics_port, addr=config.metrics_host, registry=metrics.registry)
         log.info("metrics on http://%s:%d/metrics", config.metrics_host, http_server.server_port)
+        if config.metrics_port_file:
+            Path(config.metrics_port_file).write_text(str(http_server.server_port))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -98,6 +100,9 @@ async def serve(config: ServiceConfig, engine: Engine | None = None) -> ExitCode
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving %s with the %s engine (context %d tokens)", info.name, info.engine, info.context_length)
 
+    if config.enable_fault_injection and hasattr(engine, "inject_fault"):
+        loop.add_signal_handler(signal.SIGUSR1, engine.inject_fault)
+        log.warning("fault injection is enabled: SIGUSR1 crashes the engine")
     watch = asyncio.create_task(_watch_engine(engine, stop))
     await stop.wait()
     engine_died = not engine.is_alive()

@@ -97,6 +97,7 @@ class RequestSampler(ContinuousBatchingLogitsProcessorList):
         self.do_processing = True
         self._plans: dict[str, SamplingPlan] = {}
         self._rows: list[tuple[SamplingPlan | None, list[int]]] = []
+        self._fault: str | None = None
 
     # ------------------------------------------------------------------------------ event loop thread
 
@@ -108,6 +109,10 @@ class RequestSampler(ContinuousBatchingLogitsProcessorList):
 
     def __len__(self) -> int:
         return len(self._plans)
+
+    def inject_fault(self, message: str) -> None:
+        """Make the next generation step raise, as a crash inside the engine loop would (fault-injection tests)."""
+        self._fault = message
 
     # ------------------------------------------------------------------------------ generation thread
 
@@ -125,6 +130,8 @@ class RequestSampler(ContinuousBatchingLogitsProcessorList):
         return arg_storage
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, logits_processor_args: torch.Tensor) -> torch.Tensor:
+        if self._fault is not None:
+            raise RuntimeError(self._fault)
         for row, (plan, generated) in enumerate(self._rows):
             if plan is None or plan.plain:
                 continue

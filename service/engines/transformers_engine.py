@@ -143,6 +143,11 @@ class TransformersEngine:
         if self._manager is not None and self._manager.is_running():
             await asyncio.to_thread(self._manager.stop, block=True, timeout=30, hard_stop=True)
 
+    def inject_fault(self) -> None:
+        """Crash the generation loop at its next step (only reachable with --enable-fault-injection)."""
+        log.warning("fault injection: the engine loop will fail at its next step")
+        self._sampler.inject_fault("injected engine fault")
+
     def is_alive(self) -> bool:
         manager = self._manager
         return (
