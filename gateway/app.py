@@ -20,14 +20,17 @@ from gateway.config import GatewayConfig
 from gateway.errors import ApiError, MethodNotAllowed, NotFound, PayloadTooLarge, Upstream
 from gateway.metrics import GatewayMetrics
 from gateway.routes import add_routes
-from gateway.state import BACKEND, CONFIG, KEYS, METRICS, UNKNOWN_FIELDS
+from gateway.limits import KeyLimits, KeyRateLimited, RateLimiter
+from gateway.state import BACKEND, CONFIG, KEYS, LIMITER, METRICS, UNKNOWN_FIELDS
 
 log = logging.getLogger("gateway.access")
 
 KEYS_POLL_S = 2.0
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 # Routes anyone may call; everything else needs an API key.
-_OPEN_ROUTES = {"livez"}
+_OPEN_ROUTES = {"livez", "openapi"}
+# Routes that count against a key's rate limits.
+_LIMITED_ROUTES = {"chat", "completions"}
 CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-Request-Id, OpenAI-Organization, OpenAI-Project"
 
 
@@ -35,7 +38,8 @@ def create_app(config: GatewayConfig, metrics: GatewayMetrics | None = None) -> 
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[_front_door])
     app[CONFIG] = config
     app[METRICS] = metrics or GatewayMetrics()
-    app[KEYS] = KeyStore(config.api_keys, config.api_keys_file)
+    app[KEYS] = KeyStore(config.api_keys, config.api_keys_file, KeyLimits(config.rpm_per_key, config.tpm_per_key))
+    app[LIMITER] = RateLimiter()
     app[BACKEND] = Backend(config.backend, config.backend_token)
     app[UNKNOWN_FIELDS] = set()
     add_routes(app)
@@ -93,6 +97,7 @@ def _cors_origin(request: web.Request, config: GatewayConfig) -> str | None:
 
 async def _add_headers(request: web.Request, response: web.StreamResponse) -> None:
     response.headers["X-Request-Id"] = request.get("request_id", "-")
+    response.headers.update(request.get("ratelimit_headers", {}))
     origin = _cors_origin(request, request.app[CONFIG])
     if origin is not None:
         response.headers["Access-Control-Allow-Origin"] = origin
@@ -131,10 +136,18 @@ async def _front_door(request: web.Request, handler) -> web.StreamResponse:
             )
         if _needs_key(route, config) and app[KEYS].enabled:
             try:
-                request["key_label"] = app[KEYS].authenticate(request.headers.get("Authorization"))
+                caller = app[KEYS].authenticate(request.headers.get("Authorization"))
             except ApiError:
                 metrics.auth_failures.inc()
                 raise
+            request["caller"] = caller
+            request["key_label"] = caller.label
+            if route in _LIMITED_ROUTES:
+                try:
+                    request["ratelimit_headers"] = app[LIMITER].admit(caller.label, caller.limits)
+                except KeyRateLimited as e:
+                    metrics.rate_limited.labels(caller.label, e.limit).inc()
+                    raise
         response = await handler(request)
         status = response.status
         return response

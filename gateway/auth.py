@@ -10,9 +10,11 @@ import hashlib
 import hmac
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.errors import Unauthorized
+from gateway.limits import KeyLimits
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +36,36 @@ def key_label(key: str) -> str:
     return "key-" + hashlib.sha256(key.encode()).hexdigest()[:8]
 
 
+@dataclass(frozen=True, slots=True)
+class Caller:
+    label: str
+    limits: KeyLimits
+
+
+def parse_key_line(line: str, default: KeyLimits) -> tuple[str, KeyLimits] | None:
+    """`sk-abc... rpm=60 tpm=100000`: a key, then optional limits that override the gateway's defaults."""
+    line = line.strip()
+    if not line or line.startswith("#"):
+        return None
+    key, *options = line.split()
+    values = {"rpm": default.rpm, "tpm": default.tpm}
+    for option in options:
+        name, _, value = option.partition("=")
+        if name in values and value.isdigit():
+            values[name] = int(value)
+        else:
+            log.error("ignoring unknown option %r on an API key line (%s)", name, mask(key))
+    return key, KeyLimits(**values)
+
+
 class KeyStore:
-    def __init__(self, keys: tuple[str, ...], path: str | None) -> None:
+    def __init__(self, keys: tuple[str, ...], path: str | None, default_limits: KeyLimits = KeyLimits()) -> None:
+        self._default = default_limits
         self._static = tuple(keys)
         self._path = Path(path) if path else None
-        self._file_keys: tuple[str, ...] = ()
+        self._file_keys: dict[str, KeyLimits] = {}
         self._mtime: float | None = None
-        self._keys: tuple[bytes, ...] = ()
+        self._keys: tuple[tuple[bytes, Caller], ...] = ()
         self.reload()
 
     @property
@@ -60,11 +85,10 @@ class KeyStore:
                 log.error("cannot read the API keys file %s: %s; keeping %d keys", self._path, e.strerror, len(self._keys))
                 return
             self._mtime = stat.st_mtime_ns
-            self._file_keys = tuple(
-                line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")
-            )
-        keys = dict.fromkeys(self._static + self._file_keys)
-        self._keys = tuple(k.encode() for k in keys)
+            parsed = (parse_key_line(line, self._default) for line in text.splitlines())
+            self._file_keys = dict(p for p in parsed if p is not None)
+        keys = {k: self._default for k in self._static} | self._file_keys
+        self._keys = tuple((k.encode(), Caller(key_label(k), limits)) for k, limits in keys.items())
         log.info("API keys loaded: %d", len(self._keys))
 
     def reload_if_changed(self) -> None:
@@ -77,8 +101,8 @@ class KeyStore:
         if mtime != self._mtime:
             self.reload()
 
-    def authenticate(self, authorization: str | None) -> str:
-        """Return the key's label, or raise Unauthorized."""
+    def authenticate(self, authorization: str | None) -> Caller:
+        """Return who is calling (the key's label and limits), or raise Unauthorized."""
         if not authorization:
             raise Unauthorized(MISSING_KEY)
         scheme, _, presented = authorization.partition(" ")
@@ -86,10 +110,11 @@ class KeyStore:
         if scheme.lower() != "bearer" or not presented:
             raise Unauthorized(MISSING_KEY)
         candidate = presented.encode()
-        match = False
+        caller = None
         # Every key is compared, in constant time each, so the time taken says nothing about which one matched.
-        for key in self._keys:
-            match |= hmac.compare_digest(candidate, key)
-        if not match:
+        for key, who in self._keys:
+            if hmac.compare_digest(candidate, key):
+                caller = who
+        if caller is None:
             raise Unauthorized(f"Incorrect API key provided: {mask(presented)}.")
-        return key_label(presented)
+        return caller

@@ -23,6 +23,9 @@ class GatewayConfig:
     api_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False)
     # A file of API keys, one per line; reloaded on SIGHUP and when it changes.
     api_keys_file: str | None = None
+    # Per-key limits (0: none); a key's line in the keys file may override them ("sk-... rpm=60 tpm=100000").
+    rpm_per_key: int = 0
+    tpm_per_key: int = 0
     # Serve without API keys (local development only).
     allow_no_auth: bool = False
     # Token the service requires in call metadata, if it requires one.
@@ -65,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
     p.add_argument("--port-file", default=_env("GATEWAY_PORT_FILE"), help="write the bound port to this file")
     p.add_argument("--backend", default=_env("BACKEND", d.backend), help="host:port of the gRPC service")
     p.add_argument("--api-keys-file", default=_env("API_KEYS_FILE"), help="file with one API key per line")
+    p.add_argument("--rpm-per-key", type=int, default=int(_env("RPM_PER_KEY", "0")), help="requests per minute per key (0: unlimited)")
+    p.add_argument("--tpm-per-key", type=int, default=int(_env("TPM_PER_KEY", "0")), help="prompt+completion tokens per minute per key (0: unlimited)")
     p.add_argument("--allow-no-auth", action="store_true", default=_env("ALLOW_NO_AUTH", "") in ("1", "true"), help="serve without API keys (development only)")
     p.add_argument("--backend-token-file", default=_env("BACKEND_TOKEN_FILE"), help="token the gRPC service requires")
     p.add_argument("--request-timeout", type=float, default=float(_env("REQUEST_TIMEOUT_S", str(d.request_timeout_s))))
@@ -87,6 +92,8 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
         backend=a.backend,
         api_keys=_split(os.environ.get("API_KEYS")),
         api_keys_file=a.api_keys_file,
+        rpm_per_key=a.rpm_per_key,
+        tpm_per_key=a.tpm_per_key,
         allow_no_auth=a.allow_no_auth,
         backend_token=backend_token,
         request_timeout_s=a.request_timeout,

@@ -9,9 +9,35 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    field_validator,
+)
 
 Number = StrictFloat | StrictInt
+
+
+def refused(reason: str, allowed: tuple = (None,)):
+    """A field OpenAI defines that this server cannot honour: only `allowed` values pass (the schema says so),
+    anything else is a 400 naming the field with `reason`."""
+
+    def check(value):
+        if value not in allowed:
+            raise ValueError(reason)
+        return value
+
+    return BeforeValidator(check)
+
+
+TOOLS_REFUSED = refused("tool calling is not supported by this server")
+TEXT_ONLY = "this model reads and writes text only"
 
 
 class _Model(BaseModel):
@@ -21,26 +47,33 @@ class _Model(BaseModel):
         return sorted((self.model_extra or {}).keys())
 
 
+def _text_parts_only(value):
+    if isinstance(value, dict) and value.get("type", "text") != "text":
+        raise ValueError(f"content parts of type {value.get('type')!r} are not supported; {TEXT_ONLY}")
+    return value
+
+
 class TextPart(_Model):
     type: Literal["text"]
     text: StrictStr
 
 
-class OtherPart(_Model):
-    """A content part this text-only model cannot take (image_url, input_audio, file, ...)."""
-
-    type: StrictStr
-
-
-ContentPart = Annotated[TextPart | OtherPart, Field(union_mode="left_to_right")]
+ContentPart = Annotated[TextPart, BeforeValidator(_text_parts_only)]
 
 
 class ChatMessage(_Model):
-    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: StrictStr | list[ContentPart] | None = None
+    role: Literal["system", "developer", "user", "assistant"]
+    content: StrictStr | list[ContentPart]
     name: StrictStr | None = None
-    tool_calls: list[dict[str, Any]] | None = None
-    tool_call_id: StrictStr | None = None
+    tool_calls: Annotated[None, TOOLS_REFUSED] = None
+    tool_call_id: Annotated[None, TOOLS_REFUSED] = None
+
+    @field_validator("role", mode="before")
+    @classmethod
+    def _no_tool_roles(cls, value):
+        if value in ("tool", "function"):
+            raise ValueError("tool calling is not supported by this server")
+        return value
 
 
 class StreamOptions(_Model):
@@ -48,8 +81,9 @@ class StreamOptions(_Model):
 
 
 class ResponseFormat(_Model):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
+    type: Annotated[
+        Literal["text"], refused("structured output (response_format) is not supported by this server", ("text",))
+    ]
 
 
 class SamplingFields(_Model):
@@ -60,11 +94,11 @@ class SamplingFields(_Model):
     temperature: Number | None = None
     top_p: Number | None = None
     n: StrictInt | None = None
-    stop: StrictStr | list[StrictStr] | None = None
+    stop: StrictStr | list[Annotated[StrictStr, Field(min_length=1)]] | None = None
     seed: StrictInt | None = None
     frequency_penalty: Number | None = None
     presence_penalty: Number | None = None
-    logit_bias: dict[StrictStr, Number] | None = None
+    logit_bias: dict[Annotated[StrictStr, Field(pattern=r"^[0-9]{1,9}$")], Number] | None = None
     user: StrictStr | None = None
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
@@ -89,26 +123,28 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: StrictBool | None = False
     top_logprobs: StrictInt | None = None
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: StrictStr | dict[str, Any] | None = None
+    tools: Annotated[None, TOOLS_REFUSED] = None
+    tool_choice: Annotated[Literal["none"] | None, refused("tool calling is not supported by this server", (None, "none"))] = None
     parallel_tool_calls: StrictBool | None = None
     # Accepted and without effect here, as on any single-deployment server:
     store: StrictBool | None = None
     metadata: dict[str, StrictStr] | None = None
     service_tier: StrictStr | None = None
     # Refused unless they ask for what this model does anyway:
-    modalities: list[StrictStr] | None = None
-    audio: dict[str, Any] | None = None
-    prediction: dict[str, Any] | None = None
-    functions: list[dict[str, Any]] | None = None
-    function_call: StrictStr | dict[str, Any] | None = None
-    web_search_options: dict[str, Any] | None = None
-    reasoning_effort: StrictStr | None = None
+    modalities: list[Annotated[Literal["text"], refused(TEXT_ONLY, ("text",))]] | None = None
+    audio: Annotated[None, refused(TEXT_ONLY)] = None
+    prediction: Annotated[None, refused("predicted outputs are not supported by this server")] = None
+    functions: Annotated[None, refused("function calling is not supported by this server")] = None
+    function_call: Annotated[
+        Literal["none"] | None, refused("function calling is not supported by this server", (None, "none"))
+    ] = None
+    web_search_options: Annotated[None, refused("web search is not supported by this server")] = None
+    reasoning_effort: Annotated[None, refused("reasoning_effort applies to reasoning models only; this model is not one")] = None
 
 
 class CompletionRequest(SamplingFields):
     prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
     logprobs: StrictInt | None = None
     echo: StrictBool | None = False
-    suffix: StrictStr | None = None
+    suffix: Annotated[None, refused("suffix (fill-in-the-middle) is not supported by this model", (None, ""))] = None
     best_of: StrictInt | None = None

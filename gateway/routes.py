@@ -20,8 +20,9 @@ from pydantic import BaseModel, ValidationError
 from common.logs import request_id_var
 from gateway import sse
 from gateway.errors import ApiError, BadRequest, NotFound, PayloadTooLarge, Upstream, from_rpc_error
+from gateway.openapi import openapi_document
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
-from gateway.state import BACKEND, CONFIG, METRICS, UNKNOWN_FIELDS
+from gateway.state import BACKEND, CONFIG, LIMITER, METRICS, UNKNOWN_FIELDS
 from gateway.translate import (
     ChatAccumulator,
     ChatChunkEncoder,
@@ -87,11 +88,14 @@ def parse(model: type[M], body: dict, app: web.Application) -> M:
 
 
 def _validation_error(error: ValidationError, body: dict) -> BadRequest:
-    first = error.errors(include_url=False)[0]
+    errors = error.errors(include_url=False)
+    # Our own refusals (value errors) say more than a union's "not a string" about its other branch.
+    first = next((e for e in errors if e["type"] == "value_error"), errors[0])
     param = _param_path(first["loc"], body)
     if first["type"] == "missing":
         return BadRequest(f"Missing required parameter: '{param}'.", param=param)
-    return BadRequest(f"Invalid value for '{param}': {first['msg']}.", param=param)
+    message = first["msg"].removeprefix("Value error, ")
+    return BadRequest(f"Invalid value for '{param}': {message}.", param=param)
 
 
 def _param_path(loc: tuple, body: object) -> str:
@@ -259,6 +263,9 @@ def _count_tokens(request: web.Request, usage: pb.Usage | None) -> None:
     metrics.prompt_tokens.labels(key).inc(usage.prompt_tokens)
     metrics.completion_tokens.labels(key).inc(usage.completion_tokens)
     request["usage"] = usage
+    caller = request.get("caller")
+    if caller is not None:
+        request.app[LIMITER].charge(caller.label, caller.limits, usage.prompt_tokens + usage.completion_tokens)
 
 
 def _dumps(value) -> str:
@@ -311,6 +318,14 @@ async def live(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+async def openapi(request: web.Request) -> web.Response:
+    try:
+        models: tuple[str, ...] = ((await request.app[BACKEND].model_info()).model,)
+    except grpc.aio.AioRpcError:  # the document stays available while the service is down
+        models = ()
+    return web.json_response(openapi_document(models))
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/chat/completions", chat_completions, name="chat")
     app.router.add_post("/v1/completions", completions, name="completions")
@@ -318,3 +333,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/models/{model_id}", get_model, name="model")
     app.router.add_get("/health", health, name="health")
     app.router.add_get("/livez", live, name="livez")
+    app.router.add_get("/openapi.json", openapi, name="openapi")

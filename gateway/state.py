@@ -7,11 +7,13 @@ from aiohttp import web
 from gateway.auth import KeyStore
 from gateway.backend import Backend
 from gateway.config import GatewayConfig
+from gateway.limits import RateLimiter
 from gateway.metrics import GatewayMetrics
 
 CONFIG = web.AppKey("config", GatewayConfig)
 BACKEND = web.AppKey("backend", Backend)
 KEYS = web.AppKey("keys", KeyStore)
 METRICS = web.AppKey("metrics", GatewayMetrics)
+LIMITER = web.AppKey("limiter", RateLimiter)
 # Names of unknown request fields already logged, so each is logged once.
 UNKNOWN_FIELDS = web.AppKey("unknown_fields", set)

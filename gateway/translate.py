@@ -93,22 +93,13 @@ def sampling_to_proto(req: SamplingFields, max_tokens: int | None, max_tokens_pa
 
 
 def chat_to_proto(req: ChatCompletionRequest, request_id: str) -> Translated:
-    _refuse_unsupported_chat(req)
     chat = pb.Chat()
     for i, m in enumerate(req.messages):
         message = chat.messages.add(role=_ROLES.get(m.role, m.role), name=m.name or "")
         if isinstance(m.content, str):
             message.content.add(text=m.content)
-        elif m.content is None:
-            raise BadRequest(f"messages[{i}].content is required", param=f"messages[{i}].content")
         else:
-            for j, part in enumerate(m.content):
-                if part.type != "text":
-                    raise BadRequest(
-                        f"content parts of type {part.type!r} are not supported; this model reads text only",
-                        param=f"messages[{i}].content[{j}].type",
-                    )
-                message.content.add(text=part.text)
+            message.content.extend(pb.ContentPart(text=part.text) for part in m.content)
     alias = {}
     if req.max_completion_tokens is not None:
         max_tokens, max_param = req.max_completion_tokens, "max_completion_tokens"
@@ -129,35 +120,9 @@ def chat_to_proto(req: ChatCompletionRequest, request_id: str) -> Translated:
     return Translated((request,), request.n or 1, alias)
 
 
-def _refuse_unsupported_chat(req: ChatCompletionRequest) -> None:
-    for i, m in enumerate(req.messages):
-        if m.role in ("tool", "function") or m.tool_calls:
-            raise BadRequest("tool calling is not supported by this server", param=f"messages[{i}]")
-    if req.tools:
-        raise BadRequest("tool calling is not supported by this server", param="tools")
-    if req.tool_choice not in (None, "none"):
-        raise BadRequest("tool calling is not supported by this server", param="tool_choice")
-    if req.functions or req.function_call not in (None, "none"):
-        raise BadRequest("function calling is not supported by this server", param="functions")
-    if req.response_format is not None and req.response_format.type != "text":
-        raise BadRequest("structured output (response_format) is not supported by this server", param="response_format")
-    if req.modalities is not None and any(m != "text" for m in req.modalities):
-        raise BadRequest("this model produces text only", param="modalities")
-    if req.audio is not None:
-        raise BadRequest("this model produces text only", param="audio")
-    if req.prediction is not None:
-        raise BadRequest("predicted outputs are not supported by this server", param="prediction")
-    if req.web_search_options is not None:
-        raise BadRequest("web search is not supported by this server", param="web_search_options")
-    if req.reasoning_effort is not None:
-        raise BadRequest("reasoning_effort applies to reasoning models only; this model is not one", param="reasoning_effort")
-
-
 def completion_to_proto(req: CompletionRequest, request_id: str) -> Translated:
     """One GenerateRequest per prompt: a string, a list of strings, a list of token ids, or a list of those."""
     prompts = _prompts(req.prompt)
-    if req.suffix:
-        raise BadRequest("suffix (fill-in-the-middle) is not supported by this model", param="suffix")
     n = _uint(req.n, "n") or 1
     if req.best_of is not None and req.best_of != n:
         raise BadRequest("best_of is supported only equal to n; this server returns every choice it generates", param="best_of")

@@ -5,8 +5,11 @@ import math
 
 import pytest
 
+from pydantic import ValidationError
+
 from gateway.errors import BadRequest
 from gateway.protocol import ChatCompletionRequest
+from gateway.routes import _validation_error
 from gateway.translate import ChatAccumulator, ChatChunkEncoder, chat_to_proto
 from generate.v1 import generate_pb2 as pb
 
@@ -28,14 +31,38 @@ def test_text_parts_and_developer_role():
     assert [p.text for p in chat.messages[1].content] == ["a", "b"]
 
 
+def refusal(raw: dict) -> BadRequest:
+    """The 400 the gateway answers for a body its request models refuse."""
+    with pytest.raises(ValidationError) as caught:
+        ChatCompletionRequest.model_validate(raw)
+    return _validation_error(caught.value, raw)
+
+
 def test_image_parts_are_refused_naming_the_part():
-    request = ChatCompletionRequest.model_validate({
+    error = refusal({
         "model": "m",
         "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
     })
-    with pytest.raises(BadRequest) as caught:
-        chat_to_proto(request, "rid")
-    assert caught.value.param == "messages[0].content[0].type"
+    assert error.param == "messages[0].content[0]" and "text only" in error.message
+
+
+@pytest.mark.parametrize(
+    "fields, param, words",
+    [
+        ({"logit_bias": {"abc": 1}}, "logit_bias.abc", "pattern"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "tool calling"),
+        ({"tool_choice": "auto"}, "tool_choice", "tool calling"),
+        ({"response_format": {"type": "json_object"}}, "response_format.type", "structured output"),
+        ({"reasoning_effort": "high"}, "reasoning_effort", "reasoning models"),
+        ({"audio": {"voice": "x"}}, "audio", "text only"),
+        ({"modalities": ["text", "audio"]}, "modalities[1]", "text only"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", "tool calling"),
+        ({"messages": [{"role": "user"}]}, "messages[0].content", "Missing"),
+    ],
+)
+def test_unsupported_fields_are_refused_by_the_request_models(fields, param, words):
+    error = refusal({"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields})
+    assert error.param == param and words in error.message, error.message
 
 
 def test_unset_sampling_fields_stay_unset_and_zero_is_kept():
@@ -65,13 +92,9 @@ def test_stop_logit_bias_seed_and_extras():
 @pytest.mark.parametrize(
     "fields, param",
     [
-        ({"logit_bias": {"abc": 1}}, "logit_bias"),
         ({"temperature": float("nan")}, "temperature"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"n": -1}, "n"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"reasoning_effort": "high"}, "reasoning_effort"),
     ],
 )
 def test_refusals_name_the_field(fields, param):

@@ -1,0 +1,186 @@
+"""The OpenAPI 3.1 description of what the gateway accepts and answers (`GET /openapi.json`).
+
+Request bodies come from the same pydantic models that validate requests, so the document cannot drift from the
+code; response bodies are described here, and the test suite fuzzes the running gateway against both.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from gateway.protocol import ChatCompletionRequest, CompletionRequest
+
+_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+
+_USAGE = {
+    "type": "object",
+    "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+    "properties": {
+        "prompt_tokens": {"type": "integer", "minimum": 0},
+        "completion_tokens": {"type": "integer", "minimum": 0},
+        "total_tokens": {"type": "integer", "minimum": 0},
+        "prompt_tokens_details": {
+            "type": "object",
+            "properties": {"cached_tokens": {"type": "integer", "minimum": 0}},
+        },
+    },
+}
+
+_FINISH = {"type": ["string", "null"], "enum": ["stop", "length", None]}
+
+_CHAT_COMPLETION = {
+    "type": "object",
+    "required": ["id", "object", "created", "model", "choices", "usage"],
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"const": "chat.completion"},
+        "created": {"type": "integer"},
+        "model": {"type": "string"},
+        "choices": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["index", "message", "finish_reason"],
+                "properties": {
+                    "index": {"type": "integer", "minimum": 0},
+                    "message": {
+                        "type": "object",
+                        "required": ["role", "content"],
+                        "properties": {"role": {"const": "assistant"}, "content": {"type": ["string", "null"]}},
+                    },
+                    "logprobs": {"type": ["object", "null"]},
+                    "finish_reason": _FINISH,
+                },
+            },
+        },
+        "usage": {"$ref": "#/components/schemas/Usage"},
+    },
+}
+
+_COMPLETION = {
+    "type": "object",
+    "required": ["id", "object", "created", "model", "choices", "usage"],
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"const": "text_completion"},
+        "created": {"type": "integer"},
+        "model": {"type": "string"},
+        "choices": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["index", "text", "finish_reason"],
+                "properties": {
+                    "index": {"type": "integer", "minimum": 0},
+                    "text": {"type": "string"},
+                    "logprobs": {"type": ["object", "null"]},
+                    "finish_reason": _FINISH,
+                },
+            },
+        },
+        "usage": {"$ref": "#/components/schemas/Usage"},
+    },
+}
+
+# One server-sent event: `data` holds a JSON chunk (or an in-band error), and the last one is "[DONE]".
+_SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
+
+_MODEL = {
+    "type": "object",
+    "required": ["id", "object", "created", "owned_by"],
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"const": "model"},
+        "created": {"type": "integer"},
+        "owned_by": {"type": "string"},
+    },
+}
+
+
+def _json(schema_ref: str) -> dict:
+    return {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema_ref}"}}}
+
+
+def _errors(*codes: int) -> dict:
+    return {str(code): {"description": "an error in OpenAI's shape", "content": _json("Error")} for code in codes}
+
+
+_GENERATION_ERRORS = (400, 401, 404, 413, 415, 429, 500, 502, 503, 504)
+
+
+def _generation(summary: str, request: str, response: str) -> dict:
+    return {
+        "post": {
+            "summary": summary,
+            "requestBody": {"required": True, "content": _json(request)},
+            "responses": {
+                "200": {
+                    "description": "the completion, or with `stream: true` a server-sent event stream of chunks",
+                    "content": {**_json(response), "text/event-stream": {"schema": _SSE_EVENT}},
+                },
+                **_errors(*_GENERATION_ERRORS),
+            },
+        }
+    }
+
+
+@functools.cache
+def openapi_document(models: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The document; with the served model ids known, `model` lists them as the only valid values."""
+    schemas: dict[str, Any] = {}
+    for model in (ChatCompletionRequest, CompletionRequest):
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        if models:
+            schema["properties"]["model"] = {"type": "string", "enum": list(models), "title": "Model"}
+        schemas[model.__name__] = schema
+    schemas.update(
+        Error=_ERROR, Usage=_USAGE, ChatCompletion=_CHAT_COMPLETION, Completion=_COMPLETION, Model=_MODEL,
+        ModelList={
+            "type": "object",
+            "required": ["object", "data"],
+            "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}}},
+        },
+    )
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "chatserve OpenAI-compatible API", "version": "1"},
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"bearer": []}],
+        "paths": {
+            "/v1/chat/completions": _generation("Create a chat completion", "ChatCompletionRequest", "ChatCompletion"),
+            "/v1/completions": _generation("Create a text completion", "CompletionRequest", "Completion"),
+            "/v1/models": {
+                "get": {
+                    "summary": "List the served models",
+                    "responses": {"200": {"description": "the models", "content": _json("ModelList")}, **_errors(401, 503)},
+                }
+            },
+            "/v1/models/{model_id}": {
+                "get": {
+                    "summary": "Describe one model",
+                    "parameters": [{"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                    "responses": {"200": {"description": "the model", "content": _json("Model")}, **_errors(401, 404, 503)},
+                }
+            },
+        },
+    }
