@@ -28,8 +28,10 @@ model: $(STAMP)
 run: $(STAMP) model
 	$(PY) deploy/run_local.py --gateway-port $(GATEWAY_PORT) --grpc-port $(GRPC_PORT)
 
+# pytest exits 5 when it collects no test: for this suite that is a broken run, never a pass.
 test: $(STAMP) model
-	$(PY) -m pytest -q tests
+	@$(PY) -m pytest -q tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests; failing" >&2; exit 1; fi; exit $$rc
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit

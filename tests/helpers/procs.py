@@ -86,19 +86,32 @@ def wait_http_ok(url: str, proc: Proc | None = None, timeout: float = 60) -> Non
     raise TimeoutError(f"{url} not ready in {timeout} s")
 
 
-def start_service(tmp: Path, *extra: str, name: str = "service", env: dict[str, str] | None = None) -> tuple[Proc, str]:
-    """A real `python -m service` on an ephemeral port; returns it once SERVING, with its target."""
-    port_file = tmp / f"{name}.port"
+@dataclass
+class Service:
+    proc: Proc
+    target: str
+    metrics_url: str
+
+    def metrics(self) -> dict[str, float]:
+        return scrape(self.metrics_url)
+
+
+def start_service(tmp: Path, *extra: str, name: str = "service", port: int = 0, env: dict[str, str] | None = None) -> Service:
+    """A real `python -m service` on an ephemeral port (or `port`); returns it once SERVING."""
+    port_file, metrics_file = tmp / f"{name}.port", tmp / f"{name}.metrics"
     port_file.unlink(missing_ok=True)
+    metrics_file.unlink(missing_ok=True)
     proc = spawn(
-        ["-m", "service", "--port", "0", "--port-file", str(port_file), "--metrics-port", "-1", *extra],
+        ["-m", "service", "--port", str(port), "--port-file", str(port_file), "--metrics-port", "0",
+         "--metrics-port-file", str(metrics_file), *extra],
         tmp / f"{name}.log",
         env,
     )
-    port = wait_for_file(port_file, proc)
-    target = f"127.0.0.1:{port}"
+    bound = wait_for_file(port_file, proc)
+    target = f"127.0.0.1:{bound}"
+    metrics_port = wait_for_file(metrics_file, proc)
     wait_serving(target, proc)
-    return proc, target
+    return Service(proc, target, f"http://127.0.0.1:{metrics_port}/metrics")
 
 
 def start_gateway(tmp: Path, backend: str, *extra: str, keys: str, name: str = "gateway", env: dict[str, str] | None = None) -> tuple[Proc, str]:
@@ -113,3 +126,26 @@ def start_gateway(tmp: Path, backend: str, *extra: str, keys: str, name: str = "
     port = wait_for_file(port_file, proc)
     wait_http_ok(f"http://127.0.0.1:{port}/livez", proc)
     return proc, f"http://127.0.0.1:{port}"
+
+
+def scrape(url: str) -> dict[str, float]:
+    """A Prometheus endpoint's samples as {'name{label="v",...}': value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        text = reply.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
+
+
+def wait_until(predicate, timeout: float = 30, interval: float = 0.1, message: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise TimeoutError(f"{message} not met within {timeout} s")
