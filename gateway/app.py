@@ -180,6 +180,7 @@ async def _front_door(request: web.Request, handler) -> web.StreamResponse:
             extra={
                 "fields": {
                     "duration_ms": round(duration * 1000, 1),
+                    "ttfb_ms": round(request["ttfb"] * 1000, 1) if "ttfb" in request else None,
                     "key": key,
                     "prompt_tokens": usage.prompt_tokens if usage else None,
                     "completion_tokens": usage.completion_tokens if usage else None,

@@ -228,7 +228,8 @@ async def _stream(request: web.Request, messages, encoder, n: int, started: floa
     metrics = request.app[METRICS]
     response = web.StreamResponse(headers=sse.HEADERS)
     await response.prepare(request)
-    metrics.ttfb.labels(request.match_info.route.name).observe(time.perf_counter() - started)
+    request["ttfb"] = time.perf_counter() - started
+    metrics.ttfb.labels(request.match_info.route.name).observe(request["ttfb"])
     metrics.open_streams.inc()
     usage = None
     try:

@@ -97,6 +97,8 @@ async def serve(config: ServiceConfig, engine: Engine | None = None) -> ExitCode
         }
     )
     metrics.bind_engine(lambda: _stats(engine), engine.is_alive)
+    for collector in getattr(engine, "metrics_collectors", lambda: [])():
+        metrics.registry.register(collector)
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving %s with the %s engine (context %d tokens)", info.name, info.engine, info.context_length)
 

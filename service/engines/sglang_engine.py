@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 import uuid
@@ -74,6 +75,8 @@ def engine_kwargs(config: ServiceConfig, model_path: str | None = None) -> dict[
         # CumulativeToDelta relies on SGLang's cumulative stream chunks; pin them in case the default moves.
         "incremental_streaming_output": False,
         "log_level": "info" if config.log_level.upper() == "DEBUG" else "warning",
+        # SGLang's own Prometheus metrics (sglang:*), served on the service's /metrics beside ours.
+        "enable_metrics": True,
     }
     optional = {
         "context_length": config.context_length,
@@ -287,6 +290,19 @@ def _matched_token(finish: Mapping[str, Any] | None) -> int | None:
     return matched if isinstance(matched, int) and not isinstance(matched, bool) else None
 
 
+class PrefixCollector:
+    """Re-exports the metric families of another registry whose names start with `prefix`."""
+
+    def __init__(self, registry: Any, prefix: str) -> None:
+        self._registry = registry
+        self._prefix = prefix
+
+    def collect(self) -> Iterator[Any]:
+        for family in self._registry.collect():
+            if family.name.startswith(self._prefix):
+                yield family
+
+
 def _plain_token_repr(token: int) -> tuple[str, bytes]:
     return "", b""
 
@@ -379,6 +395,19 @@ class SGLangEngine:
             config.tp_size,
             time.monotonic() - started,
         )
+
+    def metrics_collectors(self) -> list[Any]:
+        """SGLang's own metrics (`sglang:*`), for the service's /metrics: its scheduler processes write them to
+        the Prometheus multiprocess directory SGLang sets up; the tokenizer manager's live in this process."""
+        from prometheus_client import REGISTRY, CollectorRegistry, multiprocess
+
+        collectors: list[Any] = [PrefixCollector(REGISTRY, "sglang:")]
+        directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if directory:
+            files = CollectorRegistry()
+            multiprocess.MultiProcessCollector(files, path=directory)
+            collectors.append(PrefixCollector(files, "sglang:"))
+        return collectors
 
     def _start_output_loop(self) -> None:
         """Start SGLang's output loop on this event loop now, keeping the service's SIGTERM handling.
