@@ -47,6 +47,11 @@ class ServiceConfig:
     max_running_requests: int | None = None
     schedule_policy: str = "lpm"
     quantization: str | None = None
+    # synthetic engine (benchmarks only, never the default): tokens at a set rate without a model.
+    # Per stream, and optionally a cap shared by all streams (0 = no cap), like a batch that slows as it grows.
+    synthetic_tokens_per_s: float = 50.0
+    synthetic_total_tokens_per_s: float = 0.0
+    synthetic_ttft_s: float = 0.0
     # admission control: generations admitted at once, and how many more may wait; beyond that, RESOURCE_EXHAUSTED
     max_inflight: int = 256
     max_queue: int = 512
@@ -85,9 +90,10 @@ def parse_args(argv: list[str] | None = None) -> ServiceConfig:
     p.add_argument("--port-file", default=_env("PORT_FILE", None), help="write the bound port to this file")
     p.add_argument(
         "--engine",
-        choices=["auto", "transformers", "sglang"],
+        choices=["auto", "transformers", "sglang", "synthetic"],
         default=_env("ENGINE", d.engine),
-        help="auto: sglang with a CUDA GPU and the sglang package, else transformers on the CPU",
+        help="auto: sglang with a CUDA GPU and the sglang package, else transformers on the CPU; "
+        "synthetic: no model, tokens at a set rate, for benchmarking the serving stack only (never the default)",
     )
     p.add_argument("--model", default=_env("MODEL", None), help="local Hugging Face model folder (default: SmolLM2-135M-Instruct, embedded)")
     p.add_argument("--served-model-name", default=_env("SERVED_MODEL_NAME", None), help="the name clients use (default: the model folder's name)")
@@ -106,6 +112,10 @@ def parse_args(argv: list[str] | None = None) -> ServiceConfig:
     g.add_argument("--max-running-requests", type=int, default=_env_int("MAX_RUNNING_REQUESTS", None))
     g.add_argument("--schedule-policy", default=_env("SCHEDULE_POLICY", d.schedule_policy), help="lpm (longest prefix match, favours RadixAttention hits) or fcfs")
     g.add_argument("--quantization", default=_env("QUANTIZATION", None), help="e.g. fp8, awq, gptq")
+    g = p.add_argument_group("synthetic engine (benchmarks only: emits placeholder tokens, never serves a model)")
+    g.add_argument("--synthetic-tokens-per-s", type=float, default=_env_float("SYNTHETIC_TOKENS_PER_S", d.synthetic_tokens_per_s), help="tokens per second per stream; 0: no per-stream limit (then set the total)")
+    g.add_argument("--synthetic-total-tokens-per-s", type=float, default=_env_float("SYNTHETIC_TOTAL_TOKENS_PER_S", d.synthetic_total_tokens_per_s), help="tokens per second shared by all streams (0: no shared cap), e.g. 20000 across 256 streams")
+    g.add_argument("--synthetic-ttft", type=float, default=_env_float("SYNTHETIC_TTFT_S", d.synthetic_ttft_s), help="seconds before a request's first token (a stand-in for prefill)")
     g = p.add_argument_group("admission and shutdown")
     g.add_argument("--max-inflight", type=int, default=_env_int("MAX_INFLIGHT", d.max_inflight), help="generations admitted at once")
     g.add_argument("--max-queue", type=int, default=_env_int("MAX_QUEUE", d.max_queue), help="generations that may wait for admission")
@@ -143,6 +153,9 @@ def parse_args(argv: list[str] | None = None) -> ServiceConfig:
         max_running_requests=a.max_running_requests,
         schedule_policy=a.schedule_policy,
         quantization=a.quantization,
+        synthetic_tokens_per_s=a.synthetic_tokens_per_s,
+        synthetic_total_tokens_per_s=a.synthetic_total_tokens_per_s,
+        synthetic_ttft_s=a.synthetic_ttft,
         max_inflight=a.max_inflight,
         max_queue=a.max_queue,
         shutdown_grace_s=a.shutdown_grace,

@@ -43,4 +43,9 @@ def create_engine(config: ServiceConfig) -> Engine:
         from service.engines.sglang_engine import SGLangEngine
 
         return SGLangEngine(config)
+    if kind == "synthetic":
+        # Benchmarks only (never chosen by `auto`): placeholder tokens at a set rate, no model.
+        from service.engines.synthetic import SyntheticEngine
+
+        return SyntheticEngine(config)
     raise ValueError(f"unknown engine {kind!r}")

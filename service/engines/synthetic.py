@@ -1,0 +1,298 @@
+"""A benchmark-only engine (`--engine synthetic`): placeholder tokens at a set rate, no model, never the default.
+
+It exists to measure the serving stack's own cost and ceiling (gRPC, gateway, SSE) without model noise. Like a
+real batch engine it advances every running sequence together, one step at a time: each stream gets
+`synthetic_tokens_per_s`, and `synthetic_total_tokens_per_s` (when set) is shared by all running streams, so
+"20,000 tokens/s across 256 streams" is `--synthetic-tokens-per-s 0 --synthetic-total-tokens-per-s 20000`.
+Production does not wait for the reader: a reader that falls behind gets everything produced since its last
+read merged into one output (as the transformers engine merges its queue), so nothing buffers without bound.
+
+Every token is a 4-character word (" the", " and", ...) so a client can count tokens from text length alone.
+Prompt tokens are counted by a fixed rule (4 characters a token), stop strings and EOS do not exist here (every
+choice ends with `length`), and `cached_tokens` is always 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from service.domain import (
+    ChatInput,
+    ChoiceDelta,
+    FinishReason,
+    GenerateOutput,
+    GenerateRequest,
+    Input,
+    ModelInfo,
+    SamplingDefaults,
+    TextInput,
+    TokenInput,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+    resolve,
+    validate_request,
+)
+from service.engines.base import EngineStats
+from service.errors import Unavailable
+
+if TYPE_CHECKING:
+    from service.config import ServiceConfig
+
+log = logging.getLogger(__name__)
+
+NAME = "synthetic"
+VOCAB_SIZE = 49152
+DEFAULT_CONTEXT = 32768
+# What a request without max_tokens gets: enough to stream for a while, bounded like the real default model.
+DEFAULT_MAX_TOKENS = 256
+CHARS_PER_TOKEN = 4
+# Every word is exactly CHARS_PER_TOKEN characters, so tokens = len(text) // CHARS_PER_TOKEN.
+WORDS = (
+    " the", " and", " for", " you", " not", " are", " but", " all", " any", " can", " had", " her", " was",
+    " one", " our", " out", " day", " get", " has", " him", " his", " how", " man", " new", " now", " old",
+    " see", " two", " way", " who", " boy", " did", " its", " let", " put", " say", " she", " too", " use",
+)
+FIRST_TOKEN_ID = 1000
+# Steps are at least this far apart (the event loop's timers are not finer); a faster rate gives several
+# tokens per step, as a real engine gives several tokens per step to a speculative or multi-token decoder.
+MIN_STEP_S = 0.001
+MAX_STEP_S = 0.05
+
+
+def token_text(position: int) -> str:
+    return WORDS[position % len(WORDS)]
+
+
+def token_id(position: int) -> int:
+    return FIRST_TOKEN_ID + position % len(WORDS)
+
+
+def count_prompt_tokens(input: Input) -> int:
+    """A fixed rule instead of a tokenizer: 4 characters a token, plus 4 per chat message for its template."""
+    match input:
+        case TokenInput(ids=ids):
+            return len(ids)
+        case TextInput(text=text):
+            return max(1, len(text) // CHARS_PER_TOKEN)
+        case ChatInput(messages=messages, add_generation_prompt=add):
+            chars = sum(len(m.content) for m in messages)
+            return max(1, chars // CHARS_PER_TOKEN + 4 * len(messages) + (3 if add else 0))
+    raise TypeError(f"unknown input {input!r}")
+
+
+@dataclass(slots=True, eq=False)
+class _Stream:
+    """One choice: what the engine produced and what its reader has taken. Counters only, so a slow reader
+    costs no memory however far it falls behind."""
+
+    index: int
+    max_tokens: int
+    wake: asyncio.Event
+    produced: int = 0
+    delivered: int = 0
+    credit: float = 0.0
+    # Not running yet: waiting out its synthetic time to first token.
+    pending_first: bool = True
+    done: bool = False
+    timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+
+
+class SyntheticEngine:
+    def __init__(self, config: ServiceConfig) -> None:
+        per_stream = config.synthetic_tokens_per_s
+        total = config.synthetic_total_tokens_per_s
+        if per_stream < 0 or total < 0 or config.synthetic_ttft_s < 0:
+            raise ValueError("synthetic engine rates and time to first token must not be negative")
+        if per_stream == 0 and total == 0:
+            raise ValueError("the synthetic engine needs a rate: --synthetic-tokens-per-s or --synthetic-total-tokens-per-s")
+        self._per_stream = per_stream or math.inf
+        self._total = total or math.inf
+        self._ttft = config.synthetic_ttft_s
+        context = config.context_length or DEFAULT_CONTEXT
+        self._info = ModelInfo(
+            name=config.served_model_name or NAME,
+            engine=NAME,
+            context_length=context,
+            max_output_tokens=min(config.max_output_tokens, context),
+            vocab_size=VOCAB_SIZE,
+            created=int(time.time()),
+        )
+        self._defaults = SamplingDefaults(max_tokens=DEFAULT_MAX_TOKENS)
+        self._running: set[_Stream] = set()
+        self._pending = 0
+        self._has_work: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._alive = False
+        # Tokens produced since start: lets a benchmark compare what was made with what was delivered.
+        self.produced_tokens = 0
+
+    # ------------------------------------------------------------------------------ lifecycle
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    async def start(self) -> None:
+        log.warning(
+            "the SYNTHETIC engine is running: it serves no model and answers placeholder text, for benchmarking "
+            "the serving stack only (%s tokens/s per stream, %s tokens/s shared, first token after %.3f s)",
+            "unlimited" if math.isinf(self._per_stream) else f"{self._per_stream:g}",
+            "unlimited" if math.isinf(self._total) else f"{self._total:g}",
+            self._ttft,
+        )
+        self._has_work = asyncio.Event()
+        self._task = asyncio.create_task(self._steps(), name="synthetic-engine")
+        self._alive = True
+
+    async def stop(self) -> None:
+        self._alive = False
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for stream in list(self._running):
+            stream.wake.set()  # readers notice the engine stopped
+
+    def is_alive(self) -> bool:
+        return self._alive and self._task is not None and not self._task.done()
+
+    def stats(self) -> EngineStats:
+        return EngineStats(running=len(self._running), waiting=self._pending)
+
+    def count_tokens(self, input: Input) -> int:
+        return count_prompt_tokens(input)
+
+    # ------------------------------------------------------------------------------ the step loop
+
+    async def _steps(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._has_work is not None
+        last = loop.time()
+        while True:
+            if not self._running:
+                self._has_work.clear()
+                await self._has_work.wait()
+                last = loop.time()
+            rate = self._stream_rate()
+            await asyncio.sleep(min(MAX_STEP_S, max(MIN_STEP_S, 1.0 / rate)))
+            now = loop.time()
+            # Credit by elapsed time, not by steps: a late wake-up (a busy loop) gives more tokens, not fewer.
+            self._advance(min(now - last, 1.0) * self._stream_rate())
+            last = now
+
+    def _stream_rate(self) -> float:
+        running = len(self._running) or 1
+        return min(self._per_stream, self._total / running)
+
+    def _advance(self, credit: float) -> None:
+        finished = []
+        for s in self._running:
+            s.credit += credit
+            tokens = min(int(s.credit), s.max_tokens - s.produced)
+            if tokens <= 0:
+                continue
+            s.credit -= tokens
+            s.produced += tokens
+            self.produced_tokens += tokens
+            s.wake.set()
+            if s.produced >= s.max_tokens:
+                finished.append(s)
+        for s in finished:
+            self._running.discard(s)
+
+    def _admit(self, s: _Stream) -> None:
+        """The stream's 'prefill' is over: it gets its first token now and joins the running batch."""
+        s.timer = None
+        if not s.pending_first:
+            return
+        s.pending_first = False
+        self._pending -= 1
+        s.produced = 1
+        self.produced_tokens += 1
+        s.wake.set()
+        if s.produced < s.max_tokens:
+            self._running.add(s)
+            assert self._has_work is not None
+            self._has_work.set()
+
+    def _drop(self, s: _Stream) -> None:
+        if s.timer is not None:
+            s.timer.cancel()
+            s.timer = None
+        if s.pending_first:
+            s.pending_first = False
+            self._pending -= 1
+        self._running.discard(s)
+
+    # ------------------------------------------------------------------------------ requests
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+        if not self.is_alive():
+            raise Unavailable("the engine is not running")
+        validate_request(request, self._info)
+        prompt_tokens = count_prompt_tokens(request.input)
+        sampling = resolve(request.sampling, self._defaults, prompt_tokens, self._info)
+        wake = asyncio.Event()
+        streams = [_Stream(i, sampling.max_tokens, wake) for i in range(request.n)]
+        loop = asyncio.get_running_loop()
+        for s in streams:
+            self._pending += 1
+            if self._ttft > 0:
+                s.timer = loop.call_later(self._ttft, self._admit, s)
+            else:
+                self._admit(s)
+        try:
+            live = len(streams)
+            while live:
+                await wake.wait()
+                wake.clear()
+                if not self._alive:
+                    raise Unavailable("the engine stopped")
+                deltas = []
+                for s in streams:
+                    if s.done or s.produced == s.delivered:
+                        continue
+                    deltas.append(self._delta(s, request.top_logprobs))
+                    if s.done:
+                        live -= 1
+                usage = None
+                if not live:
+                    usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=sum(s.delivered for s in streams))
+                if deltas:
+                    yield GenerateOutput(deltas, usage)
+        finally:
+            for s in streams:
+                self._drop(s)
+
+    def _delta(self, s: _Stream, top_logprobs: int | None) -> ChoiceDelta:
+        positions = range(s.delivered, s.produced)
+        s.delivered = s.produced
+        delta = ChoiceDelta(
+            index=s.index,
+            text="".join(token_text(p) for p in positions),
+            token_ids=[token_id(p) for p in positions],
+        )
+        if top_logprobs is not None:
+            delta.logprobs = [_logprob(p, top_logprobs) for p in positions]
+        if s.delivered >= s.max_tokens:
+            delta.finish_reason = FinishReason.LENGTH
+            s.done = True
+        return delta
+
+
+def _logprob(position: int, top: int) -> TokenLogprob:
+    text = token_text(position)
+    alternatives = [
+        TopLogprob(token_id=token_id(position + k), token=token_text(position + k), logprob=-float(k),
+                   token_bytes=token_text(position + k).encode())
+        for k in range(top)
+    ]
+    return TokenLogprob(token_id=token_id(position), token=text, logprob=0.0, token_bytes=text.encode(), top=alternatives)
