@@ -40,7 +40,7 @@ def create_app(config: GatewayConfig, metrics: GatewayMetrics | None = None) -> 
     app[METRICS] = metrics or GatewayMetrics()
     app[KEYS] = KeyStore(config.api_keys, config.api_keys_file, KeyLimits(config.rpm_per_key, config.tpm_per_key))
     app[LIMITER] = RateLimiter()
-    app[BACKEND] = Backend(config.backend, config.backend_token)
+    app[BACKEND] = Backend(config.backend, config.backend_token, config.routing, config.routing_load_factor)
     app[UNKNOWN_FIELDS] = set()
     add_routes(app)
     app.router.add_get("/metrics", _metrics, name="metrics")
@@ -51,8 +51,16 @@ def create_app(config: GatewayConfig, metrics: GatewayMetrics | None = None) -> 
 
 
 async def _backend_channel(app: web.Application) -> AsyncIterator[None]:
-    backend = app[BACKEND]
+    backend, metrics = app[BACKEND], app[METRICS]
+
+    def count(_replica=None) -> None:
+        healthy = len(backend.router.healthy())
+        metrics.replicas.labels("serving").set(healthy)
+        metrics.replicas.labels("not_serving").set(len(backend.router.replicas) - healthy)
+
+    backend.on_health_change = count
     await backend.open()
+    count()
     yield
     await backend.close(grace=1.0)
 

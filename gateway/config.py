@@ -17,8 +17,12 @@ class GatewayConfig:
     host: str = "0.0.0.0"
     port: int = 8000
     port_file: str | None = None
-    # The gRPC service to call.
+    # The gRPC service: host:port, a comma-separated list, and/or dns:///name:port for every address of a name.
     backend: str = "127.0.0.1:50051"
+    # How requests are spread over replicas: prefix (cache-aware), round_robin or least_loaded.
+    routing: str = "prefix"
+    # Bounded-load factor of prefix routing: a replica over this multiple of the average load is passed over.
+    routing_load_factor: float = 1.25
     # API keys accepted in `Authorization: Bearer <key>`; never logged.
     api_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False)
     # A file of API keys, one per line; reloaded on SIGHUP and when it changes.
@@ -66,7 +70,9 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
     p.add_argument("--host", default=_env("HOST", d.host))
     p.add_argument("--port", type=int, default=int(_env("PORT", str(d.port))), help="HTTP port; 0 picks a free one")
     p.add_argument("--port-file", default=_env("GATEWAY_PORT_FILE"), help="write the bound port to this file")
-    p.add_argument("--backend", default=_env("BACKEND", d.backend), help="host:port of the gRPC service")
+    p.add_argument("--backend", default=_env("BACKEND", d.backend), help="the gRPC service: host:port, a comma-separated list, or dns:///name:port (every address of the name)")
+    p.add_argument("--routing", choices=["prefix", "round_robin", "least_loaded"], default=_env("ROUTING", d.routing), help="how requests are spread over replicas")
+    p.add_argument("--routing-load-factor", type=float, default=float(_env("ROUTING_LOAD_FACTOR", str(d.routing_load_factor))))
     p.add_argument("--api-keys-file", default=_env("API_KEYS_FILE"), help="file with one API key per line")
     p.add_argument("--rpm-per-key", type=int, default=int(_env("RPM_PER_KEY", "0")), help="requests per minute per key (0: unlimited)")
     p.add_argument("--tpm-per-key", type=int, default=int(_env("TPM_PER_KEY", "0")), help="prompt+completion tokens per minute per key (0: unlimited)")
@@ -90,6 +96,8 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
         port=a.port,
         port_file=a.port_file,
         backend=a.backend,
+        routing=a.routing,
+        routing_load_factor=a.routing_load_factor,
         api_keys=_split(os.environ.get("API_KEYS")),
         api_keys_file=a.api_keys_file,
         rpm_per_key=a.rpm_per_key,

@@ -126,6 +126,11 @@ class Upstream(ApiError):
         self.status = status
 
 
+def no_replica() -> Upstream:
+    """Every replica of the service is down or draining: fail fast, the client may retry shortly."""
+    return Upstream(503, "the generation service is unavailable; retry shortly", code="service_unavailable", retry_after=1.0)
+
+
 def from_grpc(code: grpc.StatusCode, details: str | None, rich_status=None, param_alias: dict[str, str] | None = None) -> ApiError:
     """The OpenAI error for a failed gRPC call. `param_alias` renames a field to what this client sent
     (e.g. "max_completion_tokens" rather than "max_tokens")."""

@@ -33,6 +33,12 @@ class GatewayMetrics:
         self.rate_limited = Counter(
             "chatserve_gateway_rate_limited", "Requests refused by a per-key limit.", ["key", "limit"], registry=r
         )
+        self.routed = Counter(
+            "chatserve_gateway_routed", "Generate calls started, by service replica.", ["replica"], registry=r
+        )
+        self.replicas = Gauge(
+            "chatserve_gateway_backend_replicas", "Service replicas known to the gateway, by health.", ["state"], registry=r
+        )
         self.completion_tokens = Counter(
             "chatserve_gateway_completion_tokens", "Completion tokens delivered, by API key label.", ["key"], registry=r
         )

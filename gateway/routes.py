@@ -19,7 +19,8 @@ from pydantic import BaseModel, ValidationError
 
 from common.logs import request_id_var
 from gateway import sse
-from gateway.errors import ApiError, BadRequest, NotFound, PayloadTooLarge, Upstream, from_rpc_error
+from gateway.backend import NoReplica, Stream
+from gateway.errors import ApiError, BadRequest, NotFound, PayloadTooLarge, Upstream, from_rpc_error, no_replica
 from gateway.openapi import openapi_document
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.state import BACKEND, CONFIG, LIMITER, METRICS, UNKNOWN_FIELDS
@@ -152,17 +153,13 @@ async def _generate(request: web.Request, translated: Translated, encoder, accum
     """Run the gRPC calls of one HTTP request. With an encoder, write an SSE stream and return the response;
     with an accumulator, feed it every message and return the summed usage."""
     app = request.app
-    backend = app[BACKEND]
-    metadata = backend.metadata(request_id_var.get())
-    calls = [
-        backend.stub.Generate(message, metadata=metadata, timeout=app[CONFIG].request_timeout_s)
-        for message in translated.requests
-    ]
+    streams: list[Stream] = []
     try:
         # Every call's first message (or error) comes before the HTTP status is chosen.
-        firsts = [await _read(request, call, translated.param_alias, first=True) for call in calls]
-        offsets = [i * translated.n for i in range(len(calls))]
-        messages = _merge(request, calls, firsts, offsets)
+        for message in translated.requests:
+            streams.append(await _start(request, message, translated))
+        offsets = [i * translated.n for i in range(len(streams))]
+        messages = _merge(request, streams, offsets)
         if encoder is None:
             usage = None
             async for offset, message in messages:
@@ -173,42 +170,57 @@ async def _generate(request: web.Request, translated: Translated, encoder, accum
             return usage
         return await _stream(request, messages, encoder, translated.n, started)
     finally:
-        for call in calls:
-            call.cancel()  # no-op once a call finished; aborts its generation if we stopped early
+        for stream in streams:
+            stream.close()  # aborts the generation if we stopped early; releases the replica
 
 
-async def _read(request: web.Request, call, param_alias: dict[str, str] | None = None, first: bool = False):
+async def _start(request: web.Request, message: pb.GenerateRequest, translated: Translated) -> Stream:
+    app = request.app
+    backend = app[BACKEND]
     try:
-        message = await call.read()
+        stream = await backend.generate(
+            message, translated.routing_key, backend.metadata(request_id_var.get()), app[CONFIG].request_timeout_s
+        )
+    except grpc.aio.AioRpcError as e:
+        app[METRICS].grpc_errors.labels(e.code().name).inc()
+        raise from_rpc_error(e, translated.param_alias) from None
+    except NoReplica:
+        raise no_replica() from None
+    app[METRICS].routed.labels(stream.replica.target).inc()
+    if stream.first is grpc.aio.EOF:
+        raise Upstream(502, "the generation service ended the call without an answer", code="bad_gateway")
+    return stream
+
+
+async def _read(request: web.Request, stream: Stream):
+    try:
+        return await stream.read()
     except grpc.aio.AioRpcError as e:
         request.app[METRICS].grpc_errors.labels(e.code().name).inc()
-        raise from_rpc_error(e, param_alias) from None
-    if first and message is grpc.aio.EOF:
-        raise Upstream(502, "the generation service ended the call without an answer", code="bad_gateway")
-    return message
+        raise from_rpc_error(e) from None
 
 
-async def _merge(request: web.Request, calls: list, firsts: list, offsets: list[int]):
+async def _merge(request: web.Request, streams: list[Stream], offsets: list[int]):
     """(choice offset, message) from every call, in arrival order. One call, the common case, needs no tasks."""
-    if len(calls) == 1:
-        message = firsts[0]
+    if len(streams) == 1:
+        message = streams[0].first
         while message is not grpc.aio.EOF:
             yield 0, message
-            message = await _read(request, calls[0])
+            message = await _read(request, streams[0])
         return
     queue: asyncio.Queue = asyncio.Queue()
 
-    async def pump(call, first, offset) -> None:
+    async def pump(stream, offset) -> None:
         try:
-            message = first
+            message = stream.first
             while message is not grpc.aio.EOF:
                 await queue.put((offset, message))
-                message = await _read(request, call)
+                message = await _read(request, stream)
             await queue.put((offset, None))
         except ApiError as e:
             await queue.put((offset, e))
 
-    tasks = [asyncio.create_task(pump(c, f, o)) for c, f, o in zip(calls, firsts, offsets)]
+    tasks = [asyncio.create_task(pump(s, o)) for s, o in zip(streams, offsets)]
     try:
         live = len(tasks)
         while live:
@@ -292,6 +304,8 @@ async def _model_info(request: web.Request) -> pb.GetModelInfoResponse:
     except grpc.aio.AioRpcError as e:
         request.app[METRICS].grpc_errors.labels(e.code().name).inc()
         raise from_rpc_error(e) from None
+    except NoReplica:
+        raise no_replica() from None
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -308,8 +322,8 @@ async def get_model(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    """Ready only while the generation service answers SERVING."""
-    if await request.app[BACKEND].healthy():
+    """Ready only while at least one replica of the generation service reports SERVING."""
+    if request.app[BACKEND].healthy():
         return web.json_response({"status": "ok"})
     return web.json_response({"status": "unavailable"}, status=503)
 
@@ -322,7 +336,7 @@ async def live(request: web.Request) -> web.Response:
 async def openapi(request: web.Request) -> web.Response:
     try:
         models: tuple[str, ...] = ((await request.app[BACKEND].model_info()).model,)
-    except grpc.aio.AioRpcError:  # the document stays available while the service is down
+    except (grpc.aio.AioRpcError, NoReplica):  # the document stays available while the service is down
         models = ()
     return web.json_response(openapi_document(models))
 

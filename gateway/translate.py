@@ -15,6 +15,7 @@ from generate.v1 import generate_pb2 as pb
 
 from gateway.errors import BadRequest
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from gateway.routing import chat_routing_key, text_routing_key
 
 UINT32_MAX = 2**32 - 1
 INT32_MAX = 2**31 - 1
@@ -31,6 +32,8 @@ class Translated:
     n: int = 1
     # Service field name → the OpenAI parameter this client used for it, for error messages.
     param_alias: dict[str, str] = field(default_factory=dict)
+    # What identifies the conversation for prefix-aware routing across replicas.
+    routing_key: str | None = None
 
     @property
     def request(self) -> pb.GenerateRequest:
@@ -117,7 +120,8 @@ def chat_to_proto(req: ChatCompletionRequest, request_id: str) -> Translated:
         raise BadRequest("logprobs must be true when top_logprobs is set", param="top_logprobs")
     if req.logprobs:
         request.logprobs.top_logprobs = _uint(req.top_logprobs, "top_logprobs") or 0
-    return Translated((request,), request.n or 1, alias)
+    key = chat_routing_key((m.role, "".join(part.text for part in m.content)) for m in chat.messages)
+    return Translated((request,), request.n or 1, alias, key)
 
 
 def completion_to_proto(req: CompletionRequest, request_id: str) -> Translated:
@@ -146,7 +150,8 @@ def completion_to_proto(req: CompletionRequest, request_id: str) -> Translated:
         if req.logprobs is not None:
             request.logprobs.top_logprobs = req.logprobs
         requests.append(request)
-    return Translated(tuple(requests), n)
+    first = prompts[0]
+    return Translated(tuple(requests), n, routing_key=text_routing_key(first if isinstance(first, str) else str(first)))
 
 
 def _prompts(prompt) -> list:

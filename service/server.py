@@ -51,6 +51,11 @@ async def serve(config: ServiceConfig, engine: Engine | None = None) -> ExitCode
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
+            # The gateway pings every 10 s to notice a vanished replica; allow it (the default bans pings more
+            # often than every 5 minutes on idle connections and answers with GOAWAY).
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
+            ("grpc.http2.max_ping_strikes", 0),
         ]
     )
     generate_pb2_grpc.add_GenerateServicer_to_server(
