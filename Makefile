@@ -54,6 +54,24 @@ $(SGLANG_STAMP): pyproject.toml
 test-sglang: $(SGLANG_STAMP) model
 	$(SGLANG_VENV)/bin/python -m pytest -q -m sglang tests/contract_sglang
 
+# Benchmarks (bench/README.md). `make bench` runs every scenario of the performance targets and writes
+# bench/results/suite-<time>/REPORT.md with its tables and charts (~13 min on 2 cores; `make bench
+# BENCH_QUICK=1`: ~5 min). `make bench-soak` holds load through the gateway for SOAK_MINUTES and reports
+# memory and latency drift. Neither is part of `make test`: they measure, they do not pass or fail.
+BENCH_STAMP := $(VENV)/.bench-installed
+SOAK_MINUTES ?= 10
+.PHONY: bench-soak
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(PIP) install --quiet -e '.[gateway,cpu,dev,bench]'
+	touch $@
+
+bench: $(BENCH_STAMP) model
+	$(PY) -m bench.suite $(if $(BENCH_QUICK),--quick,)
+
+bench-soak: $(BENCH_STAMP)
+	$(PY) -m bench.soak --minutes $(SOAK_MINUTES)
+
 proto: $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto --grpc_python_out=proto proto/generate/v1/generate.proto
 

@@ -1,0 +1,178 @@
+"""`python -m bench.suite` (`make bench`): every scenario of the performance targets, one report.
+
+1. overhead, synthetic engine: gateway / gRPC / in-process at 1 and 64 streams;
+2. the real model (SmolLM2 on the CPU): gateway / gRPC / in-process / `transformers serve` at 1, 8, 32, 64;
+3. prefix caching: half the requests share a 1,000-token system prompt, half have a cold one of the same length;
+4. the ceiling: the synthetic engine at rising rates across 256 streams;
+5. start-up with the model prepared.
+
+Writes bench/results/suite-<time>/REPORT.md (the verdicts first, then every table) and each scenario's
+JSON, table and chart beside it. `--quick` runs shorter windows and fewer levels (~5 minutes instead of ~13).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+
+from bench import machine
+from bench.__main__ import benchmark, out_dir
+from bench.ceiling import ceiling
+from bench.stack import EngineSpec
+from bench.startup import startup
+from bench.workload import Dist, Workload
+
+OVERHEAD_P50_MS = 1.0
+OVERHEAD_P99_MS = 3.0
+CEILING_RATE = 20000
+PREFIX_RATIO = 1 / 3
+STARTUP_S = 15.0
+
+
+async def suite(quick: bool, out, log=print) -> str:
+    started = time.monotonic()
+    sections: list[str] = []
+    verdicts: list[str] = []
+    q = quick
+
+    # 1. What the transport adds, without model noise.
+    synthetic = EngineSpec(kind="synthetic", tokens_per_s=50.0)
+    over = await benchmark(
+        synthetic, Workload(Dist(64, 64), Dist(32, 32)), ["gateway", "grpc", "inprocess"], [1, 64],
+        duration_s=4 if q else 8, warmup_s=1, rounds=1 if q else 2, out=out / "overhead-synthetic",
+        title="Overhead: synthetic engine, 50 tokens/s per stream", log=log,
+    )
+    sections.append((out / "overhead-synthetic" / "results.md").read_text())
+    verdicts += _overhead_verdicts(over, "synthetic engine")
+
+    # 2. The real model, ours against the peer.
+    real = EngineSpec(kind="transformers")
+    levels = [1, 8] if q else [1, 8, 32, 64]
+    model = await benchmark(
+        real, Workload(Dist(64, 64), Dist(32, 32)), ["gateway", "grpc", "inprocess", "peer"], levels,
+        duration_s=6 if q else 10, warmup_s=1, rounds=1, out=out / "real-model",
+        title="SmolLM2-135M-Instruct on the CPU: ours and transformers serve", log=log,
+    )
+    sections.append((out / "real-model" / "results.md").read_text())
+    verdicts += _overhead_verdicts(model, "real model")
+    verdicts += _peer_verdicts(model)
+
+    # 3. A shared 1,000-token system prompt against a cold one (one stream, so the two kinds never overlap).
+    prefix = await benchmark(
+        real, Workload(Dist(32, 32), Dist(8, 8), shared_prefix_tokens=1000, shared_prefix_ratio=0.5),
+        ["gateway", "peer"], [1], duration_s=12 if q else 25, warmup_s=0, rounds=1, out=out / "prefix",
+        title="Shared 1,000-token system prompt vs a cold one", log=log,
+    )
+    sections.append((out / "prefix" / "results.md").read_text())
+    verdicts += _prefix_verdicts(prefix)
+
+    # 4. The stack's own ceiling.
+    rates = [5000, 20000] if q else [5000, 10000, 20000, 40000]
+    ceil = await ceiling(rates, 256, ["gateway", "grpc"], duration_s=5 if q else 6, warmup_s=2, request_s=2.0,
+                         out=out / "ceiling", log=log)
+    sections.append((out / "ceiling" / "ceiling.md").read_text())
+    verdicts += _ceiling_verdicts(ceil)
+
+    # 5. Start-up.
+    up = await startup(1 if q else 3, True, out / "startup", log=log)
+    sections.append((out / "startup" / "startup.md").read_text())
+    serving = up["median"]["transformers: service_serving_s"]
+    verdicts.append(f"{_mark(serving <= STARTUP_S)} start-up: the service answers SERVING {serving:.1f} s after it is "
+                    f"started (target ≤ {STARTUP_S:g} s)")
+
+    m = machine.describe()
+    report = "\n".join([
+        "# chatserve benchmark report",
+        "",
+        f"Machine: {machine.one_line(m)}. {'Quick mode. ' if q else ''}Took {(time.monotonic() - started) / 60:.1f} min.",
+        "",
+        "## Against the targets",
+        "",
+        *[f"- {v}" for v in verdicts],
+        "",
+        "## Tables",
+        "",
+        *sections,
+        "Charts: overhead-synthetic/chart.png, real-model/chart.png, prefix/chart.png, ceiling/ceiling.png.",
+        "",
+    ])
+    (out / "REPORT.md").write_text(report)
+    log(report)
+    log(f"wrote {out / 'REPORT.md'}")
+    return report
+
+
+def _mark(ok: bool | None) -> str:
+    return "–" if ok is None else ("✓" if ok else "✗")
+
+
+def _by(payload: dict) -> dict[tuple[str, int], dict]:
+    return {(s["target"], s["concurrency"]): s for s in payload["summaries"]}
+
+
+def _overhead_verdicts(payload: dict, label: str) -> list[str]:
+    by = _by(payload)
+    out = []
+    for conc in sorted({c for _, c in by}):
+        base, gw = by.get(("inprocess", conc)), by.get(("gateway", conc))
+        if base is None or gw is None or base["ttft_ms"]["p50"] is None or gw["ttft_ms"]["p50"] is None:
+            continue
+        d50 = gw["ttft_ms"]["p50"] - base["ttft_ms"]["p50"]
+        d99 = gw["ttft_ms"]["p99"] - base["ttft_ms"]["p99"]
+        ok = d50 <= OVERHEAD_P50_MS and d99 <= OVERHEAD_P99_MS
+        out.append(f"{_mark(ok)} overhead, {label}, {conc} stream(s): gateway + gRPC add {d50:.2f} ms to TTFT p50 "
+                   f"(target ≤ {OVERHEAD_P50_MS:g}) and {d99:.2f} ms to p99 (target ≤ {OVERHEAD_P99_MS:g}) over in-process")
+    return out
+
+
+def _peer_verdicts(payload: dict) -> list[str]:
+    by = _by(payload)
+    out = []
+    for conc in sorted({c for _, c in by}):
+        ours, peer = by.get(("gateway", conc)), by.get(("peer", conc))
+        if ours is None or peer is None or not peer["tokens_per_s"] or ours["ttft_ms"]["p50"] is None or peer["ttft_ms"]["p50"] is None:
+            continue
+        out.append(
+            f"peer, {conc} stream(s): our TTFT p50 {ours['ttft_ms']['p50']:.0f} ms vs transformers serve "
+            f"{peer['ttft_ms']['p50']:.0f} ms; our throughput {ours['tokens_per_s']:.0f} vs {peer['tokens_per_s']:.0f} "
+            f"tokens/s ({ours['tokens_per_s'] / peer['tokens_per_s']:.2f}x)"
+        )
+    return out
+
+
+def _prefix_verdicts(payload: dict) -> list[str]:
+    out = []
+    for s in payload["summaries"]:
+        shared, cold = s["ttft_shared_p50_ms"], s["ttft_cold_p50_ms"]
+        if shared is None or cold is None:
+            continue
+        ratio = shared / cold
+        target = s["target"]
+        mark = _mark(ratio <= PREFIX_RATIO) if target == "gateway" else "(peer)"
+        out.append(f"{mark} prefix cache, {target}: TTFT p50 {shared:.0f} ms with the shared 1,000-token system "
+                   f"prompt vs {cold:.0f} ms cold ({ratio:.2f}; target ≤ {PREFIX_RATIO:.2f})")
+    return out
+
+
+def _ceiling_verdicts(payload: dict) -> list[str]:
+    out = []
+    for row in payload["rows"]:
+        if row["target"] == "gateway" and row["rate"] == CEILING_RATE:
+            out.append(f"{_mark(row['sustained'])} ceiling: at {CEILING_RATE:,} tokens/s across {payload['streams']} "
+                       f"streams the gateway delivered {row['delivered_ratio']:.1%} to its SSE clients (target ≥ 95%)")
+    for name, rate in payload["largest_sustained"].items():
+        out.append(f"ceiling: the largest rate {name} sustained of those tried: "
+                   f"{'none' if rate is None else f'{rate:,.0f} tokens/s'}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.suite", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="shorter windows, fewer levels and rates")
+    a = p.parse_args(argv)
+    asyncio.run(suite(a.quick, out_dir("suite-quick" if a.quick else "suite")))
+
+
+if __name__ == "__main__":
+    main()
