@@ -6,7 +6,9 @@ Engines see only these types; the servicer sees protobuf only at its edges.
 from __future__ import annotations
 
 import enum
+import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -20,9 +22,23 @@ MAX_MESSAGES = 2048
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_LOGIT_BIAS = 1024
+MAX_TOOLS = 128
+# A JSON schema, regex or grammar longer than this is refused before anything compiles it.
+MAX_CONSTRAINT_CHARS = 256 * 1024
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+CONSTRAINT_KINDS = ("json_schema", "json_object", "regex", "ebnf")
 
 
 # ---------------------------------------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A call the model made, as it appears in a chat's history."""
+
+    id: str
+    name: str
+    arguments: str  # JSON text
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,12 +46,43 @@ class Message:
     role: str
     content: str
     name: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()  # assistant messages
+    tool_call_id: str | None = None  # tool messages
+
+
+@dataclass(frozen=True, slots=True)
+class Tool:
+    name: str
+    description: str = ""
+    parameters: str = ""  # JSON Schema text of the arguments; "" means none
+
+    def parameters_schema(self) -> dict:
+        return json.loads(self.parameters) if self.parameters else {"type": "object", "properties": {}}
+
+
+@dataclass(frozen=True, slots=True)
+class ToolChoice:
+    mode: str = "auto"  # "none", "auto", "required" or "function"
+    function: str | None = None  # the tool to call, with mode "function"
+
+    @property
+    def forced(self) -> bool:
+        """The model must call a tool (constrained decoding) and writes no text."""
+        return self.mode in ("required", "function")
 
 
 @dataclass(frozen=True, slots=True)
 class ChatInput:
     messages: tuple[Message, ...]
     add_generation_prompt: bool = True
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice = ToolChoice()
+    parallel_tool_calls: bool = True
+
+    @property
+    def offered_tools(self) -> tuple[Tool, ...]:
+        """The tools the model sees and may call: none at all with tool_choice "none"."""
+        return () if self.tool_choice.mode == "none" else self.tools
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +96,19 @@ class TokenInput:
 
 
 Input = ChatInput | TextInput | TokenInput
+
+
+@dataclass(frozen=True, slots=True)
+class Constraint:
+    """Structured output: a grammar the output must match (constrained decoding)."""
+
+    kind: str  # one of CONSTRAINT_KINDS
+    value: str = ""  # the JSON Schema text, the regex or the EBNF grammar; empty for json_object
+
+    @property
+    def field(self) -> str:
+        """The request field that holds it, for error messages."""
+        return f"constraint.{self.kind}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +178,12 @@ class GenerateRequest:
     n: int = 1
     # None: no log probabilities. An int: log probabilities with that many top alternatives per token.
     top_logprobs: int | None = None
+    constraint: Constraint | None = None
+
+    @property
+    def tools(self) -> tuple[Tool, ...]:
+        """The tools offered to the model (so its calls are parsed out of its text)."""
+        return self.input.offered_tools if isinstance(self.input, ChatInput) else ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +202,7 @@ class ModelInfo:
 class FinishReason(enum.Enum):
     STOP = pb.FINISH_REASON_STOP
     LENGTH = pb.FINISH_REASON_LENGTH
+    TOOL_CALLS = pb.FINISH_REASON_TOOL_CALLS
 
 
 @dataclass(slots=True)
@@ -156,6 +223,16 @@ class TokenLogprob:
 
 
 @dataclass(slots=True)
+class ToolCallDelta:
+    """A piece of a tool call being made: id and name on its first delta, then fragments of its arguments."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+@dataclass(slots=True)
 class ChoiceDelta:
     index: int
     text: str = ""
@@ -164,11 +241,18 @@ class ChoiceDelta:
     finish_reason: FinishReason | None = None
     stop_string: str | None = None
     stop_token_id: int | None = None
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
 
     def merge(self, later: ChoiceDelta) -> None:
         """Append a later delta of the same choice to this one (used when the reader falls behind)."""
         self.text += later.text
         self.token_ids.extend(later.token_ids)
+        for call in later.tool_calls:
+            last = self.tool_calls[-1] if self.tool_calls else None
+            if last is not None and last.index == call.index and call.id is None:
+                last.arguments += call.arguments
+            else:
+                self.tool_calls.append(call)
         if later.logprobs is not None:
             self.logprobs = (self.logprobs or []) + later.logprobs
         if later.finish_reason is not None:
@@ -238,6 +322,69 @@ def validate_sampling(s: SamplingParams, vocab_size: int) -> None:
         check(math.isfinite(bias) and -100 <= bias <= 100, "logit_bias", "logit_bias values must be between -100 and 100")
 
 
+def _json(text: str, field: str, what: str, kinds: tuple[type, ...] = (dict,)):
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        raise InvalidArgument(field, f"{what} is not valid JSON") from None
+    if not isinstance(value, kinds):
+        raise InvalidArgument(field, f"{what} must be a JSON object")
+    return value
+
+
+def validate_messages(messages: tuple[Message, ...]) -> None:
+    for i, m in enumerate(messages):
+        at = f"input.chat.messages[{i}]"
+        if m.tool_calls and m.role != "assistant":
+            raise InvalidArgument(f"{at}.tool_calls", "only assistant messages carry tool_calls")
+        for j, call in enumerate(m.tool_calls):
+            if not call.name:
+                raise InvalidArgument(f"{at}.tool_calls[{j}].name", "a tool call needs the name of its function")
+            _json(call.arguments, f"{at}.tool_calls[{j}].arguments", "the arguments of a tool call")
+        if m.role == "tool" and not m.tool_call_id:
+            raise InvalidArgument(f"{at}.tool_call_id", "a tool message needs the tool_call_id of the call it answers")
+
+
+def validate_tools(chat: ChatInput) -> None:
+    """Names, parameter schemas (as JSON; whether a grammar can be built from them is the engine's to say) and
+    tool_choice. Raises InvalidArgument naming the field, e.g. "input.chat.tools[1].parameters"."""
+    if len(chat.tools) > MAX_TOOLS:
+        raise InvalidArgument("input.chat.tools", f"at most {MAX_TOOLS} tools are allowed")
+    names: set[str] = set()
+    for i, tool in enumerate(chat.tools):
+        if not TOOL_NAME.fullmatch(tool.name):
+            raise InvalidArgument(
+                f"input.chat.tools[{i}].name",
+                "a tool's name must be 1 to 64 letters, digits, underscores or dashes",
+            )
+        if tool.name in names:
+            raise InvalidArgument(f"input.chat.tools[{i}].name", f"the tool name {tool.name!r} is given twice")
+        names.add(tool.name)
+        if len(tool.parameters) > MAX_CONSTRAINT_CHARS:
+            raise InvalidArgument(f"input.chat.tools[{i}].parameters", "the parameters schema is too long")
+        if tool.parameters:
+            _json(tool.parameters, f"input.chat.tools[{i}].parameters", "the parameters schema")
+    choice = chat.tool_choice
+    if choice.mode not in ("none", "auto", "required", "function"):
+        raise InvalidArgument("input.chat.tool_choice", "tool_choice must be none, auto, required or a function")
+    if choice.forced and not chat.tools:
+        raise InvalidArgument("input.chat.tool_choice", "tool_choice requires a tool call, but no tools are given")
+    if choice.mode == "function" and choice.function not in names:
+        raise InvalidArgument("input.chat.tool_choice", f"tool_choice names the function {choice.function!r}, which is not among the tools")
+
+
+def validate_constraint(c: Constraint) -> None:
+    """The constraint's shape; whether it compiles is the engine's to say (it raises InvalidArgument then)."""
+    if c.kind not in CONSTRAINT_KINDS:
+        raise InvalidArgument("constraint", f"unknown constraint kind {c.kind!r}")
+    if len(c.value) > MAX_CONSTRAINT_CHARS:
+        raise InvalidArgument(c.field, f"the {c.kind} constraint is longer than {MAX_CONSTRAINT_CHARS} characters")
+    if c.kind == "json_schema":
+        _json(c.value, c.field, "the JSON schema", (dict, bool))
+    elif c.kind in ("regex", "ebnf") and not c.value:
+        raise InvalidArgument(c.field, f"the {c.kind} constraint must not be empty")
+
+
 def validate_request(request: GenerateRequest, info: ModelInfo) -> None:
     if not 1 <= request.n <= MAX_CHOICES:
         raise InvalidArgument("n", f"n must be between 1 and {MAX_CHOICES}")
@@ -249,6 +396,14 @@ def validate_request(request: GenerateRequest, info: ModelInfo) -> None:
                 raise InvalidArgument("input.chat.messages", "messages must not be empty")
             if len(messages) > MAX_MESSAGES:
                 raise InvalidArgument("input.chat.messages", f"at most {MAX_MESSAGES} messages are allowed")
+            validate_messages(messages)
+            validate_tools(request.input)
+            if request.constraint is not None and request.input.tool_choice.forced:
+                raise InvalidArgument(
+                    request.constraint.field,
+                    "a constraint cannot be combined with a tool_choice that requires a tool call: the call's "
+                    "arguments are already constrained to the tool's parameters",
+                )
         case TextInput(text=text):
             if not text:
                 raise InvalidArgument("input.text", "the prompt must not be empty")
@@ -258,6 +413,11 @@ def validate_request(request: GenerateRequest, info: ModelInfo) -> None:
             if any(i >= info.vocab_size for i in ids):
                 raise InvalidArgument("input.token_ids", f"token ids must be below the vocabulary size ({info.vocab_size})")
     validate_sampling(request.sampling, info.vocab_size)
+    if request.constraint is not None:
+        validate_constraint(request.constraint)
+    if request.sampling.ignore_eos and (request.constraint is not None or request.tools):
+        # A grammar ends the output with an end token once it is complete; ignore_eos would forbid that.
+        raise InvalidArgument("sampling.ignore_eos", "ignore_eos cannot be combined with structured output or tools")
 
 
 def resolve(
@@ -309,6 +469,25 @@ def resolve(
 # ---------------------------------------------------------------------------------------------- protobuf
 
 
+_TOOL_CHOICE_MODES = {
+    pb.ToolChoice.MODE_UNSPECIFIED: "auto",
+    pb.ToolChoice.MODE_NONE: "none",
+    pb.ToolChoice.MODE_AUTO: "auto",
+    pb.ToolChoice.MODE_REQUIRED: "required",
+}
+
+
+def tool_choice_from_proto(choice: pb.ToolChoice) -> ToolChoice:
+    kind = choice.WhichOneof("kind")
+    if kind == "function":
+        return ToolChoice("function", choice.function)
+    if kind == "mode":
+        if choice.mode not in _TOOL_CHOICE_MODES:
+            raise InvalidArgument("input.chat.tool_choice", f"unknown tool_choice mode {choice.mode}")
+        return ToolChoice(_TOOL_CHOICE_MODES[choice.mode])
+    return ToolChoice()
+
+
 def input_from_proto(message: pb.Input) -> Input:
     kind = message.WhichOneof("kind")
     if kind == "chat":
@@ -319,10 +498,15 @@ def input_from_proto(message: pb.Input) -> Input:
                     role=m.role,
                     content="\n".join(part.text for part in m.content if part.WhichOneof("kind") == "text"),
                     name=m.name or None,
+                    tool_calls=tuple(ToolCall(c.id, c.name, c.arguments) for c in m.tool_calls),
+                    tool_call_id=m.tool_call_id or None,
                 )
                 for m in chat.messages
             ),
             add_generation_prompt=chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True,
+            tools=tuple(Tool(t.name, t.description, t.parameters) for t in chat.tools),
+            tool_choice=tool_choice_from_proto(chat.tool_choice),
+            parallel_tool_calls=chat.parallel_tool_calls if chat.HasField("parallel_tool_calls") else True,
         )
     if kind == "text":
         return TextInput(message.text)
@@ -354,6 +538,13 @@ def sampling_from_proto(s: pb.SamplingParams) -> SamplingParams:
     )
 
 
+def constraint_from_proto(c: pb.Constraint) -> Constraint | None:
+    kind = c.WhichOneof("kind")
+    if kind is None:
+        return None
+    return Constraint(kind, "" if kind == "json_object" else getattr(c, kind))
+
+
 def request_from_proto(message: pb.GenerateRequest, request_id: str) -> GenerateRequest:
     return GenerateRequest(
         request_id=request_id,
@@ -361,6 +552,7 @@ def request_from_proto(message: pb.GenerateRequest, request_id: str) -> Generate
         sampling=sampling_from_proto(message.sampling),
         n=message.n or 1,
         top_logprobs=message.logprobs.top_logprobs if message.HasField("logprobs") else None,
+        constraint=constraint_from_proto(message.constraint) if message.HasField("constraint") else None,
     )
 
 
@@ -381,6 +573,8 @@ def output_to_proto(output: GenerateOutput) -> pb.GenerateResponse:
     response = pb.GenerateResponse()
     for c in output.choices:
         delta = response.choices.add(index=c.index, text=c.text, token_ids=c.token_ids)
+        for call in c.tool_calls:
+            delta.tool_calls.add(index=call.index, id=call.id or "", name=call.name or "", arguments=call.arguments)
         if c.logprobs:
             delta.logprobs.extend(_logprob_to_proto(lp) for lp in c.logprobs)
         if c.finish_reason is not None:

@@ -5,7 +5,8 @@ import pytest
 from generate.v1 import generate_pb2 as pb
 from service import domain
 from service.domain import (
-    ChatInput, ChoiceDelta, FinishReason, GenerateOutput, ModelInfo, SamplingDefaults, SamplingParams, Usage,
+    ChatInput, ChoiceDelta, Constraint, FinishReason, GenerateOutput, GenerateRequest, Message, ModelInfo,
+    SamplingDefaults, SamplingParams, TextInput, Tool, ToolCall, ToolChoice, Usage,
 )
 from service.errors import InvalidArgument
 
@@ -81,3 +82,95 @@ def test_choice_delta_merge():
     a = ChoiceDelta(index=0, text="a", token_ids=[1])
     a.merge(ChoiceDelta(index=0, text="b", token_ids=[2], finish_reason=FinishReason.LENGTH))
     assert (a.text, a.token_ids, a.finish_reason) == ("ab", [1, 2], FinishReason.LENGTH)
+
+
+# ---------------------------------------------------------------------------------------------- structured output, tools
+
+WEATHER = Tool("get_weather", "weather", '{"type": "object", "properties": {"city": {"type": "string"}}}')
+
+
+def chat(*messages, **fields) -> ChatInput:
+    return ChatInput(messages or (Message("user", "hi"),), **fields)
+
+
+@pytest.mark.parametrize(
+    "request_, field",
+    [
+        (GenerateRequest("r", TextInput("x"), constraint=Constraint("json_schema", "{not json")), "constraint.json_schema"),
+        (GenerateRequest("r", TextInput("x"), constraint=Constraint("json_schema", "[1, 2]")), "constraint.json_schema"),
+        (GenerateRequest("r", TextInput("x"), constraint=Constraint("regex", "")), "constraint.regex"),
+        (GenerateRequest("r", TextInput("x"), constraint=Constraint("ebnf", "x" * 300_000)), "constraint.ebnf"),
+        (GenerateRequest("r", TextInput("x"), constraint=Constraint("json_object"), sampling=SamplingParams(ignore_eos=True)),
+         "sampling.ignore_eos"),
+        (GenerateRequest("r", chat(tools=(WEATHER, Tool("bad name!")))), "input.chat.tools[1].name"),
+        (GenerateRequest("r", chat(tools=(WEATHER, WEATHER))), "input.chat.tools[1].name"),
+        (GenerateRequest("r", chat(tools=(Tool("a"), Tool("b", parameters='{"type": ')))), "input.chat.tools[1].parameters"),
+        (GenerateRequest("r", chat(tools=(Tool("a", parameters="true"),))), "input.chat.tools[0].parameters"),
+        (GenerateRequest("r", chat(tool_choice=ToolChoice("required"))), "input.chat.tool_choice"),
+        (GenerateRequest("r", chat(tools=(WEATHER,), tool_choice=ToolChoice("function", "get_time"))), "input.chat.tool_choice"),
+        (GenerateRequest("r", chat(tools=(WEATHER,), tool_choice=ToolChoice("required")), constraint=Constraint("json_object")),
+         "constraint.json_object"),
+        (GenerateRequest("r", chat(Message("tool", "sunny"))), "input.chat.messages[0].tool_call_id"),
+        (GenerateRequest("r", chat(Message("user", "x", tool_calls=(ToolCall("c", "f", "{}"),)))), "input.chat.messages[0].tool_calls"),
+        (GenerateRequest("r", chat(Message("user", "x"), Message("assistant", "", tool_calls=(ToolCall("c", "f", "{x"),)))),
+         "input.chat.messages[1].tool_calls[0].arguments"),
+    ],
+)
+def test_structured_output_and_tools_are_checked_naming_the_field(request_, field):
+    with pytest.raises(InvalidArgument) as caught:
+        domain.validate_request(request_, INFO)
+    assert caught.value.field == field, caught.value.message
+
+
+def test_valid_tool_requests_pass_and_none_offers_no_tools():
+    history = chat(
+        Message("user", "weather in Oslo?"),
+        Message("assistant", "", tool_calls=(ToolCall("call_1", "get_weather", '{"city": "Oslo"}'),)),
+        Message("tool", "sunny", tool_call_id="call_1"),
+        tools=(WEATHER,), tool_choice=ToolChoice("function", "get_weather"),
+    )
+    domain.validate_request(GenerateRequest("r", history), INFO)
+    assert GenerateRequest("r", history).tools == (WEATHER,)
+    assert GenerateRequest("r", chat(tools=(WEATHER,), tool_choice=ToolChoice("none"))).tools == ()
+    assert GenerateRequest("r", TextInput("x")).tools == ()
+    domain.validate_request(GenerateRequest("r", TextInput("x"), constraint=Constraint("json_schema", "true")), INFO)
+
+
+def test_constraint_tools_and_tool_calls_from_proto():
+    message = pb.GenerateRequest(
+        input=pb.Input(chat=pb.Chat(
+            messages=[
+                pb.ChatMessage(role="assistant", tool_calls=[pb.ToolCall(id="c1", name="f", arguments="{}")]),
+                pb.ChatMessage(role="tool", tool_call_id="c1", content=[pb.ContentPart(text="ok")]),
+            ],
+            tools=[pb.Tool(name="f", description="d", parameters='{"type": "object"}')],
+            tool_choice=pb.ToolChoice(mode=pb.ToolChoice.MODE_REQUIRED),
+            parallel_tool_calls=False,
+        )),
+        constraint=pb.Constraint(regex="[a-z]+"),
+    )
+    request = domain.request_from_proto(message, "rid")
+    assert request.constraint == Constraint("regex", "[a-z]+")
+    chat_input = request.input
+    assert chat_input.tools == (Tool("f", "d", '{"type": "object"}'),) and chat_input.tool_choice == ToolChoice("required")
+    assert not chat_input.parallel_tool_calls
+    assert chat_input.messages[0].tool_calls == (ToolCall("c1", "f", "{}"),) and chat_input.messages[1].tool_call_id == "c1"
+    default = domain.request_from_proto(pb.GenerateRequest(input=pb.Input(chat=pb.Chat(messages=[]))), "rid")
+    assert default.constraint is None and default.input.tool_choice == ToolChoice("auto") and default.input.parallel_tool_calls
+    json_object = pb.GenerateRequest(input=pb.Input(text="x"), constraint=pb.Constraint(json_object=pb.JsonObject()))
+    assert domain.request_from_proto(json_object, "rid").constraint == Constraint("json_object", "")
+    named = pb.Chat(tool_choice=pb.ToolChoice(function="f"))
+    assert domain.input_from_proto(pb.Input(chat=named)).tool_choice == ToolChoice("function", "f")
+
+
+def test_tool_call_deltas_to_proto_and_merge():
+    from service.domain import ToolCallDelta
+
+    a = ChoiceDelta(index=0, tool_calls=[ToolCallDelta(0, id="call_x", name="f"), ToolCallDelta(0, arguments='{"a"')])
+    a.merge(ChoiceDelta(index=0, tool_calls=[ToolCallDelta(0, arguments=": 1}"), ToolCallDelta(1, id="call_y", name="g")],
+                        finish_reason=FinishReason.TOOL_CALLS))
+    assert [(t.index, t.id, t.arguments) for t in a.tool_calls] == [(0, "call_x", ""), (0, None, '{"a": 1}'), (1, "call_y", "")]
+    message = domain.output_to_proto(GenerateOutput([a]))
+    assert message.choices[0].finish_reason == pb.FINISH_REASON_TOOL_CALLS
+    assert message.choices[0].tool_calls[0] == pb.ToolCallDelta(index=0, id="call_x", name="f")
+    assert message.choices[0].tool_calls[1].arguments == '{"a": 1}'
