@@ -7,6 +7,8 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
+from service.engines.tool_calls import FORMATS
+
 
 def _env(name: str, default: str | None) -> str | None:
     return os.environ.get(f"CHATSERVE_{name}", default)
@@ -35,6 +37,8 @@ class ServiceConfig:
     context_length: int | None = None
     max_output_tokens: int = 8192
     dtype: str = "auto"
+    # How the model writes tool calls (service/engines/tool_calls.py): its prompt, grammar and parser.
+    tool_parser: str = "hermes"
     # transformers engine
     kv_cache_tokens: int = 32768
     page_size: int = 32
@@ -100,6 +104,13 @@ def parse_args(argv: list[str] | None = None) -> ServiceConfig:
     p.add_argument("--context-length", type=int, default=_env_int("CONTEXT_LENGTH", None), help="override the model's context window")
     p.add_argument("--max-output-tokens", type=int, default=_env_int("MAX_OUTPUT_TOKENS", d.max_output_tokens))
     p.add_argument("--dtype", default=_env("DTYPE", d.dtype), help="auto, float32, bfloat16 or float16")
+    p.add_argument(
+        "--tool-parser",
+        choices=sorted(FORMATS),
+        default=_env("TOOL_PARSER", d.tool_parser),
+        help="the model's tool-call syntax: hermes is <tool_call>{...}</tool_call> (Hermes, Qwen2.5, Qwen3, and the "
+        "default model, which is prompted with it) (CHATSERVE_TOOL_PARSER)",
+    )
     g = p.add_argument_group("transformers engine")
     g.add_argument("--kv-cache-tokens", type=int, default=_env_int("KV_CACHE_TOKENS", d.kv_cache_tokens), help="KV cache size in tokens")
     g.add_argument("--page-size", type=int, default=_env_int("PAGE_SIZE", d.page_size), help="tokens per KV cache page (prefix sharing works in whole pages)")
@@ -143,6 +154,7 @@ def parse_args(argv: list[str] | None = None) -> ServiceConfig:
         context_length=a.context_length,
         max_output_tokens=a.max_output_tokens,
         dtype=a.dtype,
+        tool_parser=a.tool_parser,
         kv_cache_tokens=a.kv_cache_tokens,
         page_size=a.page_size,
         max_batch_tokens=a.max_batch_tokens,
