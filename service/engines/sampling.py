@@ -7,6 +7,10 @@ sampled requests in one batch, a seed per request, penalties, logit bias, min_to
 greedy decoding it picks the token itself and hands back logits that make that token the argmax, so the
 library's own greedy step selects it.
 
+Structured output and tool calls: a constrained plan holds an XGrammar matcher. Before picking, the grammar's
+token bitmask sets every token it forbids to -inf; the picked token then advances the matcher. So greedy and
+sampled rows alike only ever write text the grammar accepts, and once it is complete only an end token is left.
+
 It also records, on a request's first scheduled step, how much of its prompt came from the prefix cache
 (`cached_tokens`), which the library does not report.
 
@@ -15,14 +19,18 @@ Everything here runs on the engine's generation thread, except `register`/`relea
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
 import torch
+import xgrammar as xgr
 from transformers import LogitsProcessorList
 from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingLogitsProcessorList
 
 from service.domain import ResolvedSampling
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -52,6 +60,10 @@ class SamplingPlan:
     prompt_ids: torch.Tensor | None  # for the repetition penalty, which covers prompt and output
     generator: torch.Generator | None
     top_logprobs: int | None
+    # Constrained decoding: the grammar's matcher for this sequence, and the bitmask it fills per step.
+    matcher: xgr.GrammarMatcher | None = None
+    bitmask: torch.Tensor | None = None
+    end_token: int | None = None  # forced once the grammar has terminated
     # Written by the generation thread, read by the event loop:
     records: list[TokenRecord] = field(default_factory=list)
     cached_tokens: int | None = None
@@ -59,7 +71,13 @@ class SamplingPlan:
 
     @classmethod
     def build(
-        cls, s: ResolvedSampling, end_ids: list[int], prompt_ids: list[int], top_logprobs: int | None, seed: int | None
+        cls,
+        s: ResolvedSampling,
+        end_ids: list[int],
+        prompt_ids: list[int],
+        top_logprobs: int | None,
+        seed: int | None,
+        grammar: xgr.CompiledGrammar | None = None,
     ) -> SamplingPlan:
         has_bias = bool(s.logit_bias)
         plan = cls(
@@ -79,8 +97,14 @@ class SamplingPlan:
             generator=torch.Generator().manual_seed(seed) if seed is not None else None,
             top_logprobs=top_logprobs,
         )
+        if grammar is not None:
+            # The grammar ends on this request's end tokens (EOS and stop_token_ids), not the tokenizer's alone.
+            plan.matcher = xgr.GrammarMatcher(grammar, override_stop_tokens=end_ids or None)
+            plan.bitmask = xgr.allocate_token_bitmask(1, grammar.tokenizer_info.vocab_size)
+            plan.end_token = end_ids[0] if end_ids else None
         plan.plain = (
             plan.greedy
+            and plan.matcher is None
             and not has_bias
             and plan.frequency_penalty == 0
             and plan.presence_penalty == 0
@@ -142,6 +166,13 @@ class RequestSampler(ContinuousBatchingLogitsProcessorList):
 
     @staticmethod
     def _pick(plan: SamplingPlan, logits: torch.Tensor, generated: list[int]) -> int:
+        matcher = plan.matcher
+        if matcher is not None and matcher.is_terminated() and plan.end_token is not None:
+            # The grammar is complete and accepted its end: nothing but the end may follow.
+            if plan.top_logprobs is not None:
+                plan.records.append(TokenRecord(plan.end_token, 0.0, [], []))
+            return plan.end_token
+        raw = logits
         logits = logits.clone()
         if plan.bias_ids is not None:
             logits.index_add_(0, plan.bias_ids, plan.bias_values)
@@ -155,6 +186,13 @@ class RequestSampler(ContinuousBatchingLogitsProcessorList):
             logits[seen] = torch.where(values > 0, values / plan.repetition_penalty, values * plan.repetition_penalty)
         if plan.end_ids is not None and len(generated) < plan.min_tokens:
             logits[plan.end_ids] = -math.inf
+        if matcher is not None:
+            matcher.fill_next_token_bitmask(plan.bitmask)
+            xgr.apply_token_bitmask_inplace(logits.view(1, -1), plan.bitmask)
+            if not torch.isfinite(logits.max()):
+                # Bias or min_tokens banned every token the grammar allows (e.g. its end): the grammar wins.
+                logits = raw.clone()
+                xgr.apply_token_bitmask_inplace(logits.view(1, -1), plan.bitmask)
 
         if plan.greedy:
             token = int(torch.argmax(logits))
@@ -169,6 +207,8 @@ class RequestSampler(ContinuousBatchingLogitsProcessorList):
                 values, ids = torch.topk(logprobs, plan.top_logprobs)
                 top_ids, top_values = ids.tolist(), values.tolist()
             plan.records.append(TokenRecord(token, float(logprobs[token]), top_ids, top_values))
+        if matcher is not None and not matcher.accept_token(token):
+            log.warning("the grammar refused token %d, which its own bitmask allowed", token)
         return token
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import xgrammar as xgr
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.generation.continuous_batching.requests import RequestStatus
@@ -38,12 +39,14 @@ from service.domain import (
 )
 from service.engines.base import EngineStats
 from service.engines.default_model import ensure_default_model
+from service.engines.grammar import compile_grammar, grammar_for
 from service.engines.hf_model import model_name as _model_name
 from service.engines.hf_model import sampling_defaults as _sampling_defaults
 from service.engines.hf_model import token_bytes as _token_bytes
 from service.engines.prompt import PromptRenderer
 from service.engines.sampling import RequestSampler, SamplingPlan
 from service.engines.text import IncrementalDetokenizer, StopMatcher
+from service.engines.tool_calls import ToolCallExtractor, tool_format
 from service.errors import EngineFailure, Unavailable
 
 if TYPE_CHECKING:
@@ -62,6 +65,7 @@ class TransformersEngine:
         self._sampler = RequestSampler()
         self._alive = False
         self._token_text: dict[int, tuple[str, bytes]] = {}
+        self._tool_format = tool_format(config.tool_parser)
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -87,9 +91,15 @@ class TransformersEngine:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
         model.eval()
         self._model = model
-        self._renderer = PromptRenderer(self._tokenizer)
+        self._renderer = PromptRenderer(self._tokenizer, self._tool_format)
         self._defaults = _sampling_defaults(model.generation_config)
         self._eos_ids = _eos_ids(model.generation_config, self._tokenizer)
+        # The logits can be wider than the tokenizer's vocabulary (padding rows); the bitmask covers them all.
+        self._grammars = xgr.GrammarCompiler(
+            xgr.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=model.config.vocab_size),
+            max_threads=2,
+            cache_limit_bytes=256 * 1024 * 1024,
+        )
         context_length = config.context_length or getattr(model.config, "max_position_embeddings", None) or 4096
         self._info = ModelInfo(
             name=config.served_model_name or _model_name(path),
@@ -178,10 +188,15 @@ class TransformersEngine:
         sampling = resolve(request.sampling, self._defaults, len(prompt_ids), self.info)
         end_ids = [] if sampling.ignore_eos else list(self._eos_ids)
         end_ids += [t for t in sampling.stop_token_ids if t not in end_ids]
+        grammar = None
+        if request.constraint is not None or request.tools:
+            # Milliseconds (cached per grammar text), a large schema longer: off the event loop.
+            grammar = await asyncio.to_thread(self._grammar, request)
+        tools = ToolCallExtractor(self._tool_format, request.tools, request.n) if request.tools else None
 
         outputs: asyncio.Queue = asyncio.Queue()
         choices = [
-            self._open_choice(i, request, sampling, prompt_ids, end_ids, outputs) for i in range(request.n)
+            self._open_choice(i, request, sampling, prompt_ids, end_ids, outputs, grammar) for i in range(request.n)
         ]
         try:
             for c in choices:
@@ -208,7 +223,7 @@ class TransformersEngine:
                         continue
                     delta = self._advance(choice, out, sampling)
                     if delta is not None:
-                        deltas.append(delta)
+                        deltas.append(tools.apply(delta) if tools is not None else delta)
                     if choice.done:
                         live -= 1
                 usage = None
@@ -224,6 +239,10 @@ class TransformersEngine:
             for c in choices:
                 self._close_choice(c)
 
+    def _grammar(self, request: GenerateRequest) -> xgr.CompiledGrammar | None:
+        spec = grammar_for(request, self._tool_format)
+        return compile_grammar(self._grammars, spec) if spec is not None else None
+
     def _open_choice(
         self,
         index: int,
@@ -232,11 +251,12 @@ class TransformersEngine:
         prompt_ids: list[int],
         end_ids: list[int],
         outputs: asyncio.Queue,
+        grammar: xgr.CompiledGrammar | None = None,
     ) -> _Choice:
         # Engine-side ids are unique even when callers reuse theirs; the caller's id stays in front for debugging.
         rid = f"{request.request_id}/{index}/{uuid.uuid4().hex[:8]}"
         seed = None if sampling.seed is None else (sampling.seed + index) % 2**64
-        plan = SamplingPlan.build(sampling, end_ids, prompt_ids, request.top_logprobs, seed)
+        plan = SamplingPlan.build(sampling, end_ids, prompt_ids, request.top_logprobs, seed, grammar)
         self._sampler.register(rid, plan)
         self._manager.register_result_handler(rid, lambda out: outputs.put_nowait((index, out)))
         return _Choice(
