@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -39,10 +40,12 @@ from service.domain import (
 )
 from service.engines.base import EngineStats
 from service.engines.hf_model import model_name, sampling_defaults, token_bytes
+from service.engines.tool_calls import ToolCallExtractor, tool_format
 from service.errors import EngineFailure, InvalidArgument, Overloaded, ServiceError, Unavailable
 
 if TYPE_CHECKING:
     from service.config import ServiceConfig
+    from service.engines.grammar import GrammarSpec
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +92,12 @@ def engine_kwargs(config: ServiceConfig, model_path: str | None = None) -> dict[
     return kwargs
 
 
-def sampling_params(s: ResolvedSampling, choice: int = 0) -> dict[str, Any]:
+def sampling_params(s: ResolvedSampling, choice: int = 0, grammar: GrammarSpec | None = None) -> dict[str, Any]:
     """SGLang's `sampling_params` dict for one choice: every field of ResolvedSampling, in SGLang's keys.
 
     Choice i samples with seed + i, so the choices of a seeded request differ from each other and repeat
-    exactly between calls (as with the transformers engine).
+    exactly between calls (as with the transformers engine). A grammar (structured output, tool calls) goes
+    to SGLang's grammar backend under its own key: `json_schema` (a JSON string), `regex` or `ebnf`.
     """
     if s.ignore_eos and s.stop_token_ids:
         # SGLang's token-based finish check returns early under ignore_eos, so it would also ignore
@@ -101,7 +105,7 @@ def sampling_params(s: ResolvedSampling, choice: int = 0) -> dict[str, Any]:
         raise InvalidArgument(
             "sampling.stop_token_ids", "stop_token_ids cannot be combined with ignore_eos on this engine"
         )
-    return {
+    params = {
         "max_new_tokens": s.max_tokens,
         "min_new_tokens": s.min_tokens,
         "temperature": s.temperature,  # 0 is greedy: SGLang turns it into top_k=1
@@ -119,6 +123,9 @@ def sampling_params(s: ResolvedSampling, choice: int = 0) -> dict[str, Any]:
         "logit_bias": {str(token): float(bias) for token, bias in s.logit_bias.items()} or None,
         "sampling_seed": None if s.seed is None else (s.seed + choice) % _SEED_RANGE,
     }
+    if grammar is not None:
+        params[grammar.kind] = grammar.text
+    return params
 
 
 def abort_error(finish_reason: Mapping[str, Any]) -> ServiceError:
@@ -342,6 +349,7 @@ class SGLangEngine:
         self._children: list[Any] = []
         self._counts = _Counts()
         self._token_text: dict[int, tuple[str, bytes]] = {}
+        self._tool_format = tool_format(config.tool_parser)
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -367,7 +375,7 @@ class SGLangEngine:
         path = Path(config.model) if config.model else ensure_default_model()
         started = time.monotonic()
         self._tokenizer = AutoTokenizer.from_pretrained(path)
-        self._renderer = PromptRenderer(self._tokenizer)
+        self._renderer = PromptRenderer(self._tokenizer, self._tool_format)
         self._defaults = sampling_defaults(_generation_config(path))
         kwargs = engine_kwargs(config, str(path))
         factory = self._factory
@@ -478,13 +486,21 @@ class SGLangEngine:
         prompt_ids = self._renderer.token_ids(request.input)
         resolved = resolve(request.sampling, self._defaults, len(prompt_ids), info)
         want_logprobs = request.top_logprobs is not None
+        grammar = None
+        if request.constraint is not None or request.tools:
+            from service.engines.grammar import grammar_for  # xgrammar comes with sglang
+
+            grammar = await asyncio.to_thread(grammar_for, request, self._tool_format)
+            if grammar is not None and grammar.kind == "json_schema":
+                _check_schema_with_sglang(grammar)
+        tools = ToolCallExtractor(self._tool_format, request.tools, request.n) if request.tools else None
         choices = [
             _Choice(
                 index=i,
                 # Engine-side ids are unique even when callers reuse theirs (SGLang aborts by rid prefix, so
                 # the random part is long); the caller's id stays in front for debugging.
                 rid=f"{request.request_id}/{i}/{uuid.uuid4().hex}",
-                params=sampling_params(resolved, i),
+                params=sampling_params(resolved, i, grammar),
                 stream=CumulativeToDelta(
                     i,
                     stops=resolved.stop,
@@ -528,7 +544,10 @@ class SGLangEngine:
                         # one choice found in the cache a sibling had just filled.
                         cached_tokens=min(cached, default=0),
                     )
-                yield GenerateOutput([merged[i] for i in sorted(merged)], usage)
+                deltas = [merged[i] for i in sorted(merged)]
+                if tools is not None:
+                    deltas = [tools.apply(d) for d in deltas]
+                yield GenerateOutput(deltas, usage)
         finally:
             self._counts.queues.discard(queue)
             await self._close(choices)
@@ -609,6 +628,23 @@ class SGLangEngine:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+
+def _check_schema_with_sglang(spec: GrammarSpec) -> None:
+    """SGLang refuses a JSON schema with keywords its XGrammar backend may not enforce (a longer list than ours: it
+    covers older XGrammar releases). Ask it first, so that the refusal names the field instead of aborting as
+    "input" from inside SGLang."""
+    try:
+        from sglang.srt.constrained.json_schema_validation import (
+            UnsupportedJSONSchemaFeature,
+            validate_xgrammar_json_schema,
+        )
+    except ImportError:  # another sglang version: SGLang still checks it, it only names the field less precisely
+        return
+    try:
+        validate_xgrammar_json_schema(json.loads(spec.text))
+    except UnsupportedJSONSchemaFeature as e:
+        raise InvalidArgument(spec.field, f"the JSON schema cannot be used: {e}") from None
 
 
 def _generation_config(path: Path) -> Any:

@@ -521,3 +521,116 @@ async def test_generate_through_sglangs_own_stream_code(tokenizer):
     assert usage.cached_tokens == usage.prompt_tokens // 2
     assert fakes[0].aborted == []
     await engine.stop()
+
+
+# ---------------------------------------------------------------------------------------------- structured output, tools
+
+from service.domain import ChatInput, Constraint, Message, Tool, ToolChoice  # noqa: E402
+from service.engines.grammar import grammar_for  # noqa: E402
+from service.engines.tool_calls import HermesFormat  # noqa: E402
+
+TIME_TOOL = Tool("get_time", "The time in a timezone",
+                 '{"type": "object", "properties": {"timezone": {"type": "string"}}, "required": ["timezone"]}')
+WEATHER_TOOL = Tool("get_weather", "", '{"type": "object", "properties": {"city": {"type": "string"}, '
+                                       '"unit": {"enum": ["c", "f"]}}, "required": ["city", "unit"]}')
+PERSON = ('{"type": "object", "properties": {"name": {"type": "string", "maxLength": 20}, "tags": {"type": "array", '
+          '"items": {"enum": ["a", "b"]}, "maxItems": 3}, "address": {"$ref": "#/$defs/address"}}, "required": ["name"], '
+          '"$defs": {"address": {"type": "object", "properties": {"zip": {"type": "string", "pattern": "^[0-9]{5}$"}}}}}')
+
+
+def chat_with(choice=None, constraint=None, parallel=True) -> GenerateRequest:
+    return GenerateRequest(
+        "g", ChatInput((Message("user", "time?"),), tools=(TIME_TOOL, WEATHER_TOOL), tool_choice=choice or ToolChoice(),
+                       parallel_tool_calls=parallel),
+        constraint=constraint,
+    )
+
+
+GRAMMARS = {
+    "json_object": GenerateRequest("g", TextInput("x"), constraint=Constraint("json_object")),
+    "json_schema": GenerateRequest("g", TextInput("x"), constraint=Constraint("json_schema", PERSON)),
+    "regex": GenerateRequest("g", TextInput("x"), constraint=Constraint("regex", r"[0-9]{4}-[0-9]{2}")),
+    "ebnf": GenerateRequest("g", TextInput("x"), constraint=Constraint("ebnf", 'root ::= "yes" | "no"')),
+    "tools-required": chat_with(ToolChoice("required")),
+    "tools-required-one": chat_with(ToolChoice("required"), parallel=False),
+    "tools-named": chat_with(ToolChoice("function", "get_weather")),
+    "tools-auto": chat_with(),
+    "tools-auto-or-json": chat_with(constraint=Constraint("json_schema", PERSON)),
+}
+
+
+@pytest.fixture(scope="module")
+def grammar_backend(tokenizer):
+    """SGLang's own XGrammar backend, as its scheduler builds it. Only the compile step runs here: it is
+    XGrammar on the CPU; the mask application on the GPU worker is not exercised."""
+    from sglang.srt.constrained.xgrammar_backend import XGrammarGrammarBackend
+
+    return XGrammarGrammarBackend(tokenizer, vocab_size=len(tokenizer))
+
+
+@pytest.mark.parametrize("name", list(GRAMMARS))
+def test_grammars_pass_sglangs_sampling_checks_and_compile_in_its_backend(tokenizer, grammar_backend, name):
+    from sglang.srt.constrained.base_grammar_backend import InvalidGrammarObject
+
+    # Built with the XGrammar version sglang pins (this venv's), as the SGLang engine builds it.
+    spec = grammar_for(GRAMMARS[name], HermesFormat())
+    d = sampling_params(SAMPLINGS["greedy"], 0, spec)
+    params = SamplingParams(**d)
+    params.normalize(tokenizer)
+    params.verify(len(tokenizer))
+    decoder = msgspec.msgpack.Decoder(SamplingParams, dec_hook=io_struct.dec_hook, ext_hook=io_struct.ext_hook)
+    back = decoder.decode(io_struct._msgpack_encoder.encode(params))
+    assert getattr(back, spec.kind) == spec.text
+    dispatch = {"json_schema": grammar_backend.dispatch_json, "regex": grammar_backend.dispatch_regex,
+                "ebnf": grammar_backend.dispatch_ebnf}[spec.kind]
+    assert not isinstance(dispatch(spec.text), InvalidGrammarObject)
+
+
+@pytest.mark.parametrize("name", ["tools-required", "tools-named", "tools-auto"])
+def test_sglangs_matcher_accepts_the_call_our_parser_reads(tokenizer, grammar_backend, name):
+    spec = grammar_for(GRAMMARS[name], HermesFormat())
+    grammar = grammar_backend.dispatch_ebnf(spec.text)
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "c"}}\n</tool_call>'
+    for token in encode(tokenizer, text) + [tokenizer.eos_token_id]:
+        grammar.accept_token(token)  # raises ValueError for a token the grammar refuses
+    assert grammar.is_terminated()
+    wrong = grammar_backend.dispatch_ebnf(spec.text)
+    with pytest.raises(ValueError):
+        for token in encode(tokenizer, text.replace('"c"', '"kelvin"')):
+            wrong.accept_token(token)
+
+
+def test_schemas_sglang_refuses_are_refused_naming_the_field():
+    from service.engines.sglang_engine import _check_schema_with_sglang
+    from service.engines.grammar import GrammarSpec
+
+    # multipleOf: our XGrammar enforces it, but SGLang refuses it for every 0.2.x release; so does the engine.
+    with pytest.raises(InvalidArgument) as caught:
+        _check_schema_with_sglang(GrammarSpec("json_schema", '{"type": "integer", "multipleOf": 5}', "constraint.json_schema"))
+    assert caught.value.field == "constraint.json_schema"
+    _check_schema_with_sglang(grammar_for(GRAMMARS["json_schema"], HermesFormat()))
+
+
+async def test_tool_calls_through_sglangs_own_stream_code(tokenizer):
+    call = '<tool_call>\n{"name": "get_time", "arguments": {"timezone": "Asia/Tokyo"}}\n</tool_call>'
+
+    def script(rid: str):
+        if rid.startswith("warmup/"):
+            return encode(tokenizer, "Hi there")
+        return encode(tokenizer, call) + [tokenizer.eos_token_id]
+
+    fakes = []
+    engine = SGLangEngine(
+        ServiceConfig(model=str(MODEL), engine="sglang"),
+        engine_factory=lambda **kw: fakes.append(SimulatedEngine(script, **kw)) or fakes[-1],
+    )
+    await engine.start()
+    outputs = [o async for o in engine.generate(GRAMMARS["tools-named"])]
+    deltas = [c for o in outputs for c in o.choices]
+    calls = [t for c in deltas for t in c.tool_calls]
+    assert calls[0].name == "get_time" and calls[0].id.startswith("call_")
+    assert "".join(t.arguments for t in calls) == '{"timezone": "Asia/Tokyo"}'
+    assert "".join(c.text for c in deltas) == "" and deltas[-1].finish_reason is FinishReason.TOOL_CALLS
+    sent = [c for c in fakes[0].calls if not c["rid"].startswith("warmup/")][0]["sampling_params"]
+    assert "ebnf" in sent and "json_schema" not in sent and "regex" not in sent
+    await engine.stop()

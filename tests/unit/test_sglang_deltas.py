@@ -690,3 +690,58 @@ async def test_the_service_keeps_its_sigterm_handler():
         await engine.stop()
     finally:
         loop.remove_signal_handler(signal.SIGTERM)
+
+
+# ---------------------------------------------------------------------------------------------- structured output, tools
+
+
+def test_sampling_params_carry_the_grammar_under_sglangs_key():
+    from service.engines.grammar import GrammarSpec
+
+    base = ResolvedSampling(
+        max_tokens=8, min_tokens=0, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, frequency_penalty=0.0,
+        presence_penalty=0.0, repetition_penalty=1.0, stop=(), stop_token_ids=(), ignore_eos=False, seed=None,
+        logit_bias=MappingProxyType({}), skip_special_tokens=True,
+    )
+    assert not {"json_schema", "regex", "ebnf"} & sampling_params(base).keys()
+    for kind in ("json_schema", "regex", "ebnf"):
+        assert sampling_params(base, 0, GrammarSpec(kind, "x", "f"))[kind] == "x"
+
+
+@needs_model
+async def test_tool_calls_are_parsed_out_of_sglangs_text_and_the_grammar_is_sent():
+    from service.domain import Constraint, Tool, ToolChoice
+
+    call_text = '<tool_call>\n{"name": "get_time", "arguments": {"tz": "UTC"}}\n</tool_call>'
+
+    async def script(call):
+        s = Stream(prompt_tokens=len(call["input_ids"]))
+        for k in range(0, len(call_text), 7):  # cumulative chunks cut every 7 characters
+            yield s.chunk(call_text[k : k + 7], [300 + k])
+        yield s.chunk("", [EOS], {"type": "stop", "matched": EOS})
+
+    engine, fake = await started(script)
+    tools = (Tool("get_time", "", '{"type": "object", "properties": {"tz": {"type": "string"}}, "required": ["tz"]}'),)
+    request = GenerateRequest(
+        request_id="t1",
+        input=ChatInput(messages=(Message("user", "time?"),), tools=tools, tool_choice=ToolChoice("required")),
+        sampling=SamplingParams(max_tokens=40),
+    )
+    outputs = [o async for o in engine.generate(request)]
+    (call,) = fake.calls
+    assert "ebnf" in call["sampling_params"] and "get_time" in call["sampling_params"]["ebnf"]
+    deltas = [c for o in outputs for c in o.choices]
+    assert "".join(c.text for c in deltas) == ""
+    calls = [t for c in deltas for t in c.tool_calls]
+    assert calls[0].name == "get_time" and calls[0].id.startswith("call_")
+    assert "".join(t.arguments for t in calls) == '{"tz": "UTC"}'
+    assert deltas[-1].finish_reason is FinishReason.TOOL_CALLS
+    # The template knows no tools: they are described in a system block of the prompt SGLang got.
+    assert "# Tools" in engine._tokenizer.decode(call["input_ids"])
+    bad = GenerateRequest(request_id="t2", input=TextInput("x"),
+                          constraint=Constraint("regex", "(("))
+    with pytest.raises(InvalidArgument) as caught:
+        async for _ in engine.generate(bad):
+            pass
+    assert caught.value.field == "constraint.regex" and len(fake.calls) == 1
+    await engine.stop()
