@@ -15,6 +15,7 @@ carry internals: the service already writes its statuses for callers, and anythi
 from __future__ import annotations
 
 import json
+import re
 
 import grpc
 from google.rpc import error_details_pb2
@@ -29,7 +30,17 @@ _PARAMS = {
     "input.text": "prompt",
     "input.token_ids": "prompt",
     "logprobs.top_logprobs": "top_logprobs",
+    "constraint": "response_format",
+    "constraint.json_schema": "response_format.json_schema.schema",
+    "constraint.json_object": "response_format",
+    "constraint.regex": "regex",
+    "constraint.ebnf": "ebnf",
+    "input.chat.tools": "tools",
+    "input.chat.tool_choice": "tool_choice",
+    "input.chat.parallel_tool_calls": "parallel_tool_calls",
 }
+# Fields inside a tool or a message's tool call sit under "function" in OpenAI's shape.
+_FUNCTION_FIELD = re.compile(r"^(tools\[\d+\]|messages\[\d+\]\.tool_calls\[\d+\])\.(name|parameters|arguments|description)$")
 
 
 class ApiError(Exception):
@@ -173,7 +184,8 @@ def _param(rich_status, alias: dict[str, str]) -> str | None:
                 if field.startswith("sampling."):
                     field = field.removeprefix("sampling.")
                     return alias.get(field, field)
-                if field.startswith("input.chat.messages["):
-                    return "messages" + field.removeprefix("input.chat.messages")
+                if field.startswith(("input.chat.messages[", "input.chat.tools[")):
+                    openai = field.removeprefix("input.chat.")
+                    return _FUNCTION_FIELD.sub(r"\1.function.\2", openai)
                 return alias.get(field) or _PARAMS.get(field, field)
     return None

@@ -42,7 +42,21 @@ _USAGE = {
     },
 }
 
-_FINISH = {"type": ["string", "null"], "enum": ["stop", "length", None]}
+_FINISH = {"type": ["string", "null"], "enum": ["stop", "length", "tool_calls", None]}
+
+_TOOL_CALL = {
+    "type": "object",
+    "required": ["id", "type", "function"],
+    "properties": {
+        "id": {"type": "string"},
+        "type": {"const": "function"},
+        "function": {
+            "type": "object",
+            "required": ["name", "arguments"],
+            "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}},
+        },
+    },
+}
 
 _CHAT_COMPLETION = {
     "type": "object",
@@ -62,7 +76,12 @@ _CHAT_COMPLETION = {
                     "message": {
                         "type": "object",
                         "required": ["role", "content"],
-                        "properties": {"role": {"const": "assistant"}, "content": {"type": ["string", "null"]}},
+                        "properties": {
+                            "role": {"const": "assistant"},
+                            # null when the model only called tools
+                            "content": {"type": ["string", "null"]},
+                            "tool_calls": {"type": "array", "items": _TOOL_CALL},
+                        },
                     },
                     "logprobs": {"type": ["object", "null"]},
                     "finish_reason": _FINISH,

@@ -1,8 +1,10 @@
 """The OpenAI request bodies the gateway accepts, as pydantic models free of I/O.
 
 Types and shapes are checked here; value ranges are the service's to check (it serves gRPC clients too), and
-its INVALID_ARGUMENT comes back as a 400 naming the same field. Fields this API does not know are ignored and
-logged once; fields OpenAI defines that this server cannot honour are refused, never silently dropped.
+its INVALID_ARGUMENT comes back as a 400 naming the same field. That includes whether a JSON schema (in
+`response_format` or a tool's `parameters`) can be used for constrained decoding. Fields this API does not know
+are ignored and logged once; fields OpenAI defines that this server cannot honour are refused, never silently
+dropped.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from pydantic import (
     StrictFloat,
     StrictInt,
     StrictStr,
+    ValidationInfo,
     field_validator,
 )
+from pydantic_core import PydanticCustomError
 
 Number = StrictFloat | StrictInt
 
@@ -36,7 +40,6 @@ def refused(reason: str, allowed: tuple = (None,)):
     return BeforeValidator(check)
 
 
-TOOLS_REFUSED = refused("tool calling is not supported by this server")
 TEXT_ONLY = "this model reads and writes text only"
 
 
@@ -61,18 +64,50 @@ class TextPart(_Model):
 ContentPart = Annotated[TextPart, BeforeValidator(_text_parts_only)]
 
 
+class FunctionCall(_Model):
+    name: StrictStr
+    # JSON text, as the model wrote it.
+    arguments: StrictStr
+
+
+class ToolCall(_Model):
+    id: StrictStr
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Model):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: StrictStr | list[ContentPart]
+    # What the validators below enforce, for the OpenAPI document: content, unless an assistant called tools.
+    model_config = ConfigDict(
+        **_Model.model_config,
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
+                {"required": ["role", "tool_calls"],
+                 "properties": {"role": {"const": "assistant"}, "tool_calls": {"type": "array", "minItems": 1}}},
+            ]
+        },
+    )
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # An assistant message that only called tools has none; every other message needs it.
+    tool_calls: list[ToolCall] | None = None
+    content: StrictStr | list[ContentPart] | None = Field(default=None, validate_default=True)
     name: StrictStr | None = None
-    tool_calls: Annotated[None, TOOLS_REFUSED] = None
-    tool_call_id: Annotated[None, TOOLS_REFUSED] = None
+    tool_call_id: StrictStr | None = None
 
     @field_validator("role", mode="before")
     @classmethod
-    def _no_tool_roles(cls, value):
-        if value in ("tool", "function"):
-            raise ValueError("tool calling is not supported by this server")
+    def _no_function_role(cls, value):
+        if value == "function":
+            raise ValueError("the legacy function role is not supported; use tool messages with tool_call_id")
+        return value
+
+    @field_validator("content")
+    @classmethod
+    def _content_unless_tool_calls(cls, value, info: ValidationInfo):
+        if value is None and not (info.data.get("role") == "assistant" and info.data.get("tool_calls")):
+            raise PydanticCustomError("missing", "Field required")
         return value
 
 
@@ -80,10 +115,53 @@ class StreamOptions(_Model):
     include_usage: StrictBool | None = None
 
 
-class ResponseFormat(_Model):
-    type: Annotated[
-        Literal["text"], refused("structured output (response_format) is not supported by this server", ("text",))
-    ]
+class ResponseFormatText(_Model):
+    type: Literal["text"]
+
+
+class ResponseFormatJsonObject(_Model):
+    type: Literal["json_object"]
+
+
+class JsonSchema(_Model):
+    name: StrictStr
+    description: StrictStr | None = None
+    # The output always follows the schema (constrained decoding), strict or not.
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormatJsonSchema(_Model):
+    type: Literal["json_schema"]
+    json_schema: JsonSchema
+
+
+ResponseFormat = Annotated[
+    ResponseFormatText | ResponseFormatJsonObject | ResponseFormatJsonSchema, Field(discriminator="type")
+]
+
+
+class FunctionDefinition(_Model):
+    name: StrictStr
+    description: StrictStr | None = None
+    # A JSON Schema object; absent means no arguments.
+    parameters: dict[str, Any] | None = None
+    # The arguments of a call always follow `parameters` (constrained decoding), strict or not.
+    strict: StrictBool | None = None
+
+
+class Tool(_Model):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Model):
+    name: StrictStr
+
+
+class NamedToolChoice(_Model):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class SamplingFields(_Model):
@@ -110,6 +188,9 @@ class SamplingFields(_Model):
     stop_token_ids: list[StrictInt] | None = None
     ignore_eos: StrictBool | None = None
     skip_special_tokens: StrictBool | None = None
+    # Constrained decoding, as SGLang takes it: the output matches this regex or EBNF grammar.
+    regex: StrictStr | None = None
+    ebnf: StrictStr | None = None
 
     @field_validator("stop")
     @classmethod
@@ -123,8 +204,8 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: StrictBool | None = False
     top_logprobs: StrictInt | None = None
     response_format: ResponseFormat | None = None
-    tools: Annotated[None, TOOLS_REFUSED] = None
-    tool_choice: Annotated[Literal["none"] | None, refused("tool calling is not supported by this server", (None, "none"))] = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: StrictBool | None = None
     # Accepted and without effect here, as on any single-deployment server:
     store: StrictBool | None = None
@@ -134,9 +215,9 @@ class ChatCompletionRequest(SamplingFields):
     modalities: list[Annotated[Literal["text"], refused(TEXT_ONLY, ("text",))]] | None = None
     audio: Annotated[None, refused(TEXT_ONLY)] = None
     prediction: Annotated[None, refused("predicted outputs are not supported by this server")] = None
-    functions: Annotated[None, refused("function calling is not supported by this server")] = None
+    functions: Annotated[None, refused("the legacy functions field is not supported; use tools")] = None
     function_call: Annotated[
-        Literal["none"] | None, refused("function calling is not supported by this server", (None, "none"))
+        Literal["none"] | None, refused("the legacy function_call field is not supported; use tool_choice", (None, "none"))
     ] = None
     web_search_options: Annotated[None, refused("web search is not supported by this server")] = None
     reasoning_effort: Annotated[None, refused("reasoning_effort applies to reasoning models only; this model is not one")] = None

@@ -20,7 +20,10 @@ from gateway.routing import chat_routing_key, text_routing_key
 UINT32_MAX = 2**32 - 1
 INT32_MAX = 2**31 - 1
 
-FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
+FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length",
+                  pb.FINISH_REASON_TOOL_CALLS: "tool_calls"}
+_TOOL_CHOICE_MODES = {"none": pb.ToolChoice.MODE_NONE, "auto": pb.ToolChoice.MODE_AUTO,
+                      "required": pb.ToolChoice.MODE_REQUIRED}
 _ROLES = {"developer": "system"}
 
 
@@ -95,14 +98,51 @@ def sampling_to_proto(req: SamplingFields, max_tokens: int | None, max_tokens_pa
     return s
 
 
+def constraint_to_proto(req: SamplingFields, response_format=None) -> pb.Constraint | None:
+    """The one grammar a request may ask for: response_format, or the regex / ebnf extras. (The service names
+    a bad one by its kind, "constraint.regex", which gateway/errors.py maps back to the parameter.)"""
+    asked: list[tuple[str, pb.Constraint]] = []
+    if response_format is not None and response_format.type == "json_object":
+        asked.append(("response_format", pb.Constraint(json_object=pb.JsonObject())))
+    elif response_format is not None and response_format.type == "json_schema":
+        schema = response_format.json_schema.schema_
+        asked.append(("response_format", pb.Constraint(json_schema=_dumps(schema if schema is not None else {}))))
+    if req.regex is not None:
+        asked.append(("regex", pb.Constraint(regex=req.regex)))
+    if req.ebnf is not None:
+        asked.append(("ebnf", pb.Constraint(ebnf=req.ebnf)))
+    if len(asked) > 1:
+        raise BadRequest(f"{asked[1][0]} cannot be combined with {asked[0][0]}: ask for one format", param=asked[1][0])
+    return asked[0][1] if asked else None
+
+
+def _tools_to_proto(req: ChatCompletionRequest, chat: pb.Chat) -> None:
+    for tool in req.tools or ():
+        f = tool.function
+        chat.tools.add(name=f.name, description=f.description or "",
+                       parameters=_dumps(f.parameters) if f.parameters is not None else "")
+    choice = req.tool_choice
+    if isinstance(choice, str):
+        chat.tool_choice.mode = _TOOL_CHOICE_MODES[choice]
+    elif choice is not None:
+        chat.tool_choice.function = choice.function.name
+    if req.parallel_tool_calls is not None:
+        chat.parallel_tool_calls = req.parallel_tool_calls
+
+
 def chat_to_proto(req: ChatCompletionRequest, request_id: str) -> Translated:
     chat = pb.Chat()
     for i, m in enumerate(req.messages):
-        message = chat.messages.add(role=_ROLES.get(m.role, m.role), name=m.name or "")
+        message = chat.messages.add(role=_ROLES.get(m.role, m.role), name=m.name or "",
+                                    tool_call_id=m.tool_call_id or "")
         if isinstance(m.content, str):
             message.content.add(text=m.content)
-        else:
+        elif m.content is not None:
             message.content.extend(pb.ContentPart(text=part.text) for part in m.content)
+        for call in m.tool_calls or ():
+            message.tool_calls.add(id=call.id, name=call.function.name, arguments=call.function.arguments)
+    _tools_to_proto(req, chat)
+    constraint = constraint_to_proto(req, req.response_format)
     alias = {}
     if req.max_completion_tokens is not None:
         max_tokens, max_param = req.max_completion_tokens, "max_completion_tokens"
@@ -120,6 +160,8 @@ def chat_to_proto(req: ChatCompletionRequest, request_id: str) -> Translated:
         raise BadRequest("logprobs must be true when top_logprobs is set", param="top_logprobs")
     if req.logprobs:
         request.logprobs.top_logprobs = _uint(req.top_logprobs, "top_logprobs") or 0
+    if constraint is not None:
+        request.constraint.CopyFrom(constraint)
     key = chat_routing_key((m.role, "".join(part.text for part in m.content)) for m in chat.messages)
     return Translated((request,), request.n or 1, alias, key)
 
@@ -137,6 +179,7 @@ def completion_to_proto(req: CompletionRequest, request_id: str) -> Translated:
     if req.logprobs is not None and not 0 <= req.logprobs <= 5:
         raise BadRequest("logprobs must be between 0 and 5", param="logprobs")
     sampling = sampling_to_proto(req, req.max_tokens, "max_tokens")
+    constraint = constraint_to_proto(req)
     requests = []
     for i, prompt in enumerate(prompts):
         if isinstance(prompt, str):
@@ -149,6 +192,8 @@ def completion_to_proto(req: CompletionRequest, request_id: str) -> Translated:
         )
         if req.logprobs is not None:
             request.logprobs.top_logprobs = req.logprobs
+        if constraint is not None:
+            request.constraint.CopyFrom(constraint)
         requests.append(request)
     first = prompts[0]
     return Translated(tuple(requests), n, routing_key=text_routing_key(first if isinstance(first, str) else str(first)))
@@ -238,6 +283,16 @@ class ChatChunkEncoder(_ChunkEncoder):
                 logprobs = {"content": [logprob_entry(lp) for lp in c.logprobs]} if c.logprobs else None
                 out.append(self._chunk({"index": index, "delta": {"content": c.text}, "logprobs": logprobs,
                                         "finish_reason": None}))
+            if c.tool_calls:
+                # As OpenAI streams them: a call's first delta holds its id, type and name, later ones only
+                # further fragments of its arguments.
+                calls = [
+                    {"index": t.index, "id": t.id, "type": "function", "function": {"name": t.name, "arguments": t.arguments}}
+                    if t.id else {"index": t.index, "function": {"arguments": t.arguments}}
+                    for t in c.tool_calls
+                ]
+                out.append(self._chunk({"index": index, "delta": {"tool_calls": calls}, "logprobs": None,
+                                        "finish_reason": None}))
             if c.finish_reason:
                 out.append(self._chunk({"index": index, "delta": {}, "logprobs": None,
                                         "finish_reason": FINISH_REASONS.get(c.finish_reason, "stop")}))
@@ -251,11 +306,18 @@ class ChatAccumulator:
         self._text = [[] for _ in range(choices)]
         self._logprobs = [[] for _ in range(choices)] if logprobs else None
         self._finish: list[str | None] = [None] * choices
+        self._calls: list[list[dict]] = [[] for _ in range(choices)]
 
     def add(self, response: pb.GenerateResponse, offset: int = 0) -> None:
         for c in response.choices:
             index = offset + c.index
             self._text[index].append(c.text)
+            for t in c.tool_calls:
+                calls = self._calls[index]
+                if t.id:
+                    calls.append({"id": t.id, "type": "function", "function": {"name": t.name, "arguments": ""}})
+                if calls:
+                    calls[-1]["function"]["arguments"] += t.arguments
             if self._logprobs is not None:
                 self._logprobs[index].extend(logprob_entry(lp) for lp in c.logprobs)
             if c.finish_reason:
@@ -271,7 +333,7 @@ class ChatAccumulator:
             "choices": [
                 {
                     "index": i,
-                    "message": {"role": "assistant", "content": "".join(parts), "refusal": None},
+                    "message": self._message(i, "".join(parts)),
                     "logprobs": {"content": self._logprobs[i]} if self._logprobs is not None else None,
                     "finish_reason": self._finish[i] or "stop",
                 }
@@ -279,6 +341,13 @@ class ChatAccumulator:
             ],
             "usage": usage_dict(usage) if usage is not None else None,
         }
+
+    def _message(self, i: int, text: str) -> dict:
+        calls = self._calls[i]
+        if not calls:
+            return {"role": "assistant", "content": text, "refusal": None}
+        # As OpenAI answers a turn that only called tools: content null.
+        return {"role": "assistant", "content": text or None, "refusal": None, "tool_calls": calls}
 
 
 class _TextLogprobs:

@@ -46,3 +46,23 @@ def test_server_side_codes(code, status):
     error = from_grpc(code, "secret internal detail /etc/passwd" if code is grpc.StatusCode.UNKNOWN else "m")
     assert error.status == status and error.type == "server_error"
     assert "passwd" not in error.message
+
+
+@pytest.mark.parametrize(
+    "field, param",
+    [
+        ("constraint.json_schema", "response_format.json_schema.schema"),
+        ("constraint.json_object", "response_format"),
+        ("constraint.regex", "regex"),
+        ("constraint.ebnf", "ebnf"),
+        ("input.chat.tools", "tools"),
+        ("input.chat.tools[1].parameters", "tools[1].function.parameters"),
+        ("input.chat.tools[0].name", "tools[0].function.name"),
+        ("input.chat.tool_choice", "tool_choice"),
+        ("input.chat.messages[2].tool_calls[0].arguments", "messages[2].tool_calls[0].function.arguments"),
+        ("input.chat.messages[3].tool_call_id", "messages[3].tool_call_id"),
+        ("sampling.ignore_eos", "ignore_eos"),
+    ],
+)
+def test_structured_output_and_tool_fields_name_the_openai_param(field, param):
+    assert roundtrip(InvalidArgument(field, "bad")).param == param

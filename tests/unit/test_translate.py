@@ -50,14 +50,18 @@ def test_image_parts_are_refused_naming_the_part():
     "fields, param, words",
     [
         ({"logit_bias": {"abc": 1}}, "logit_bias.abc", "pattern"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "tool calling"),
-        ({"tool_choice": "auto"}, "tool_choice", "tool calling"),
-        ({"response_format": {"type": "json_object"}}, "response_format.type", "structured output"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]}, "tools[0].function.parameters", "dictionary"),
+        ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools[0].function.name", "Missing"),
+        ({"tool_choice": "sometimes"}, "tool_choice", "'required'"),
+        ({"response_format": {"type": "yaml"}}, "response_format", "does not match"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}, "response_format.json_schema.name", "Missing"),
+        ({"functions": [{"name": "f"}]}, "functions", "use tools"),
         ({"reasoning_effort": "high"}, "reasoning_effort", "reasoning models"),
         ({"audio": {"voice": "x"}}, "audio", "text only"),
         ({"modalities": ["text", "audio"]}, "modalities[1]", "text only"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", "tool calling"),
+        ({"messages": [{"role": "function", "content": "x"}]}, "messages[0].role", "tool messages"),
         ({"messages": [{"role": "user"}]}, "messages[0].content", "Missing"),
+        ({"messages": [{"role": "assistant", "tool_calls": []}]}, "messages[0].content", "Missing"),
     ],
 )
 def test_unsupported_fields_are_refused_by_the_request_models(fields, param, words):
@@ -151,3 +155,87 @@ def test_accumulator_builds_a_completion_with_logprobs():
     assert choice["logprobs"]["content"] == [{"token": "A", "logprob": -0.5, "bytes": [65],
                                               "top_logprobs": [{"token": "A", "logprob": -0.5, "bytes": [65]}]}]
     assert result["usage"]["total_tokens"] == 4
+
+
+# ---------------------------------------------------------------------------------------------- structured output, tools
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def test_response_format_and_grammar_extras_become_one_constraint():
+    assert not chat_to_proto(body(), "rid").request.HasField("constraint")
+    assert not chat_to_proto(body(response_format={"type": "text"}), "rid").request.HasField("constraint")
+    c = chat_to_proto(body(response_format={"type": "json_object"}), "rid").request.constraint
+    assert c.WhichOneof("kind") == "json_object"
+    schema = {"type": "object", "properties": {"é": {"type": "integer"}}}
+    c = chat_to_proto(body(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}), "rid").request.constraint
+    assert json.loads(c.json_schema) == schema
+    assert chat_to_proto(body(regex="[0-9]+"), "rid").request.constraint.regex == "[0-9]+"
+    assert chat_to_proto(body(ebnf='root ::= "a"'), "rid").request.constraint.ebnf == 'root ::= "a"'
+    with pytest.raises(BadRequest) as caught:
+        chat_to_proto(body(response_format={"type": "json_object"}, regex="a"), "rid")
+    assert caught.value.param == "regex"
+
+
+def test_tools_tool_choice_and_tool_messages_become_proto():
+    request = ChatCompletionRequest.model_validate({
+        "model": "m",
+        "messages": [
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+        ],
+        "tools": [WEATHER, {"type": "function", "function": {"name": "noop"}}],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "parallel_tool_calls": False,
+    })
+    chat = chat_to_proto(request, "rid").request.input.chat
+    assert [(t.name, t.description) for t in chat.tools] == [("get_weather", "The weather in a city"), ("noop", "")]
+    assert json.loads(chat.tools[0].parameters) == WEATHER["function"]["parameters"] and chat.tools[1].parameters == ""
+    assert chat.tool_choice.function == "get_weather" and chat.HasField("parallel_tool_calls") and not chat.parallel_tool_calls
+    assistant, tool = chat.messages[1], chat.messages[2]
+    assert list(assistant.content) == [] and assistant.tool_calls[0] == pb.ToolCall(id="call_1", name="get_weather", arguments='{"city": "Oslo"}')
+    assert tool.role == "tool" and tool.tool_call_id == "call_1" and tool.content[0].text == "sunny"
+    for mode, value in (("none", pb.ToolChoice.MODE_NONE), ("auto", pb.ToolChoice.MODE_AUTO), ("required", pb.ToolChoice.MODE_REQUIRED)):
+        assert chat_to_proto(body(tools=[WEATHER], tool_choice=mode), "rid").request.input.chat.tool_choice.mode == value
+    assert not chat_to_proto(body(tools=[WEATHER]), "rid").request.input.chat.HasField("tool_choice")
+
+
+def call_delta(index, id="", name="", arguments=""):
+    return pb.ToolCallDelta(index=index, id=id, name=name, arguments=arguments)
+
+
+def test_tool_call_chunks_stream_as_openai_streams_them():
+    encoder = ChatChunkEncoder("c", 1, "m", include_usage=False)
+    chunks = [json.loads(c) for c in encoder.encode(response(
+        pb.ChoiceDelta(index=0, tool_calls=[call_delta(0, "call_a", "get_weather"), call_delta(0, arguments='{"ci')]),
+    )) + encoder.encode(response(
+        pb.ChoiceDelta(index=0, tool_calls=[call_delta(0, arguments='ty": "Oslo"}')], finish_reason=pb.FINISH_REASON_TOOL_CALLS),
+    ))]
+    deltas = [(c["choices"][0]["delta"], c["choices"][0]["finish_reason"]) for c in chunks]
+    assert deltas == [
+        ({"tool_calls": [{"index": 0, "id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": ""}},
+                         {"index": 0, "function": {"arguments": '{"ci'}}]}, None),
+        ({"tool_calls": [{"index": 0, "function": {"arguments": 'ty": "Oslo"}'}}]}, None),
+        ({}, "tool_calls"),
+    ]
+
+
+def test_accumulator_answers_tool_calls_with_null_content():
+    accumulator = ChatAccumulator(2, logprobs=False)
+    accumulator.add(response(
+        pb.ChoiceDelta(index=0, tool_calls=[call_delta(0, "call_a", "f"), call_delta(0, arguments="{}"),
+                                            call_delta(1, "call_b", "g"), call_delta(1, arguments='{"x": 1}')],
+                       finish_reason=pb.FINISH_REASON_TOOL_CALLS),
+        pb.ChoiceDelta(index=1, text="plain", finish_reason=pb.FINISH_REASON_STOP),
+    ))
+    first, second = accumulator.response("c", 1, "m", None)["choices"]
+    assert first["finish_reason"] == "tool_calls" and first["message"]["content"] is None
+    assert first["message"]["tool_calls"] == [
+        {"id": "call_a", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+        {"id": "call_b", "type": "function", "function": {"name": "g", "arguments": '{"x": 1}'}},
+    ]
+    assert second["message"] == {"role": "assistant", "content": "plain", "refusal": None}
