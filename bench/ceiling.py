@@ -16,7 +16,7 @@ import asyncio
 from pathlib import Path
 
 from bench import load, machine, report, stack
-from bench.__main__ import out_dir, warm_up
+from bench.__main__ import _measure, out_dir, warm_up
 from bench.stack import EngineSpec
 from bench.workload import Dist, Workload, WorkSource
 
@@ -24,31 +24,34 @@ SUSTAINED = 0.95
 
 
 async def ceiling(rates: list[float], streams: int, targets: list[str], duration_s: float, warmup_s: float,
-                  request_s: float, out: Path, log=print, quiet: float = 0.3) -> dict:
+                  request_s: float, out: Path, log=print, quiet: float = 0.3, variants: list[str] | None = None) -> dict:
+    from bench.variants import VARIANTS
+
     m = machine.describe()
     log(f"machine: {machine.one_line(m)}")
     rows = []
-    for rate in rates:
+    variants = variants or ["shipped"]
+    for rate, variant in [(r, v) for r in rates for v in variants]:
         # Every request lasts about `request_s` at its stream's share of the rate, so the window holds several
         # requests per stream at every rate (request set-up is part of the stack's cost too).
         output_tokens = max(16, round(rate / streams * request_s))
         wl = Workload(prompt_tokens=Dist(64, 64), output_tokens=Dist(output_tokens, output_tokens))
         spec = EngineSpec(kind="synthetic", tokens_per_s=0.0, total_tokens_per_s=rate)
         # A fresh service per rate: the rate is a start-up flag, and no run inherits another's backlog.
-        started = await stack.start(spec, targets, out / "logs" / f"{rate:g}", log=lambda *_: None)
+        started = await stack.start(spec, targets, out / "logs" / f"{rate:g}-{variant}", log=lambda *_: None,
+                                    variant=VARIANTS[variant])
         try:
             for name in targets:
                 target = started.targets[name]
                 source = WorkSource(wl, salt=name)
                 await warm_up(target, source, requests=1)
-                if quiet < 1:
-                    await asyncio.to_thread(machine.wait_quiet, quiet, 60.0, log)
-                raw = await load.run(target, source, streams, duration_s, warmup_s)
+                raw = await _measure(target, source, streams, duration_s, warmup_s, quiet, 0.25, 2, log)
                 s = load.summarize_rounds(name, streams, [raw])
                 ideal_e2e = output_tokens / (rate / streams)
                 row = {
                     "rate": rate,
-                    "target": name,
+                    "target": name if variant == "shipped" else f"{name} [{variant}]",
+                    "variant": variant,
                     "output_tokens": output_tokens,
                     # CPU time per delivered token: what optimisation has to bring down.
                     "cpu_us_per_token": {k: v * 1e6 / s.tokens_per_s for k, v in s.cpu_cores.items()
@@ -60,14 +63,14 @@ async def ceiling(rates: list[float], streams: int, targets: list[str], duration
                     "summary": s.as_dict(),
                 }
                 rows.append(row)
-                log(f"  {rate:>8,.0f} tokens/s via {name:>9}: delivered {s.tokens_per_s:>8,.0f} ({row['delivered_ratio']:.1%}), "
+                log(f"  {rate:>8,.0f} tokens/s via {row['target']:>9}: delivered {s.tokens_per_s:>8,.0f} ({row['delivered_ratio']:.1%}), "
                     f"{s.tokens_per_message or 0:.1f} tokens/msg, TTFT p50 {report._f(s.ttft_ms['p50'])} ms "
                     f"p99 {report._f(s.ttft_ms['p99'])} ms, E2E p50 {report._f(s.e2e_s['p50'], 2)} s (ideal {ideal_e2e:.2f}), "
                     f"CPU {', '.join(f'{k} {v:.2f}' for k, v in s.cpu_cores.items())}")
         finally:
             await started.close()
     best = {}
-    for name in targets:
+    for name in dict.fromkeys(r["target"] for r in rows):
         ok = [r["rate"] for r in rows if r["target"] == name and r["sustained"]]
         best[name] = max(ok) if ok else None
     m["busy_after"] = round(machine.busy_fraction(), 3)
@@ -150,11 +153,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--request-seconds", type=float, default=2.0, help="how long each request streams at its share of the rate")
     p.add_argument("--quiet-threshold", type=float, default=0.3)
+    p.add_argument("--variants", default="shipped", help="comma-separated, of bench/variants.py: shipped, "
+                   "gateway-c-http, service-uvloop, both")
     a = p.parse_args(argv)
     rates = [float(r) for r in a.rates.split(",")]
     targets = [t.strip() for t in a.targets.split(",") if t.strip()]
     asyncio.run(ceiling(rates, a.streams, targets, a.duration, a.warmup, a.request_seconds, out_dir("ceiling"),
-                        quiet=a.quiet_threshold))
+                        quiet=a.quiet_threshold, variants=a.variants.split(",")))
 
 
 if __name__ == "__main__":

@@ -124,15 +124,18 @@ class Service:
     ready_s: float  # from spawn to SERVING
 
 
-def start_service(workdir: Path, service_args: list[str], name: str = "service", timeout: float = 300) -> Service:
+def start_service(workdir: Path, service_args: list[str], name: str = "service", timeout: float = 300,
+                  env: dict[str, str] | None = None, module: str = "service") -> Service:
+    """`module` lets an experiment start the service through a shim (bench.variants); `env` adds variables."""
     port_file, metrics_file = workdir / f"{name}.port", workdir / f"{name}.metrics"
     for f in (port_file, metrics_file):
         f.unlink(missing_ok=True)
     proc = spawn(
         name,
-        [sys.executable, "-m", "service", "--port", "0", "--port-file", str(port_file), "--metrics-port", "0",
+        [sys.executable, "-m", module, "--port", "0", "--port-file", str(port_file), "--metrics-port", "0",
          "--metrics-port-file", str(metrics_file), *service_args],
         workdir,
+        env,
     )
     target = f"127.0.0.1:{wait_for_file(port_file, proc, timeout)}"
     metrics_port = wait_for_file(metrics_file, proc, timeout)
@@ -148,7 +151,8 @@ class Gateway:
     ready_s: float
 
 
-def start_gateway(workdir: Path, backend: str, api_key: str, name: str = "gateway", extra: list[str] | None = None) -> Gateway:
+def start_gateway(workdir: Path, backend: str, api_key: str, name: str = "gateway", extra: list[str] | None = None,
+                  env: dict[str, str] | None = None) -> Gateway:
     port_file = workdir / f"{name}.port"
     port_file.unlink(missing_ok=True)
     proc = spawn(
@@ -156,7 +160,7 @@ def start_gateway(workdir: Path, backend: str, api_key: str, name: str = "gatewa
         [sys.executable, "-m", "gateway", "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
          "--backend", backend, *(extra or [])],
         workdir,
-        {"API_KEYS": api_key},
+        {"API_KEYS": api_key, **(env or {})},
     )
     base = f"http://127.0.0.1:{wait_for_file(port_file, proc)}"
     ready_at = wait_http_ok(f"{base}/livez", proc)

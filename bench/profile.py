@@ -23,7 +23,7 @@ from pathlib import Path
 from bench import load, machine, report, stack
 from bench.__main__ import out_dir, warm_up
 from bench.stack import EngineSpec
-from bench.workload import Dist, WorkSource, Workload
+from bench.workload import Dist, Workload, WorkSource
 
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<path>.*?)(?::(?P<line>\d+))?\)$")
 

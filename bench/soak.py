@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bench import load, machine, procs, report, stack
 from bench.__main__ import add_engine_args, engine_spec, out_dir, warm_up
-from bench.workload import Dist, WorkSource, Workload
+from bench.workload import Dist, Workload, WorkSource
 
 
 def _slope(xs: list[float], ys: list[float]) -> float | None:

@@ -15,6 +15,17 @@ ALL_TARGETS = ("gateway", "grpc", "inprocess", "peer")
 
 
 @dataclass(frozen=True)
+class Variant:
+    """How the stack's processes are started, for experiments that change no code: extra environment
+    variables, and the service started through a shim module (see bench/variants.py)."""
+
+    label: str = "as shipped"
+    service_env: dict[str, str] = field(default_factory=dict)
+    gateway_env: dict[str, str] = field(default_factory=dict)
+    service_module: str = "service"
+
+
+@dataclass(frozen=True)
 class EngineSpec:
     kind: str = "synthetic"  # synthetic | transformers
     # synthetic engine
@@ -89,26 +100,27 @@ class Stack:
                 part.proc.stop()
 
 
-async def start(spec: EngineSpec, names: list[str], workdir: Path, log=print) -> Stack:
+async def start(spec: EngineSpec, names: list[str], workdir: Path, log=print, variant: Variant = Variant()) -> Stack:
     stack = Stack()
     try:
-        await _start(stack, spec, names, workdir, log)
+        await _start(stack, spec, names, workdir, log, variant)
     except BaseException:
         await stack.close()
         raise
     return stack
 
 
-async def _start(stack: Stack, spec: EngineSpec, names: list[str], workdir: Path, log) -> None:
+async def _start(stack: Stack, spec: EngineSpec, names: list[str], workdir: Path, log, variant: Variant) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     if {"gateway", "grpc"} & set(names):
         log(f"starting the service ({spec.describe()})")
-        stack.service = procs.start_service(workdir, spec.service_args())
+        stack.service = procs.start_service(workdir, spec.service_args(), env=variant.service_env,
+                                            module=variant.service_module)
         stack.startup_s["service"] = stack.service.ready_s
         model = await _served_model(stack.service.target)
     if "gateway" in names:
         key = "sk-bench-" + secrets.token_urlsafe(16)
-        stack.gateway = procs.start_gateway(workdir, stack.service.target, key)
+        stack.gateway = procs.start_gateway(workdir, stack.service.target, key, env=variant.gateway_env)
         stack.startup_s["gateway"] = stack.gateway.ready_s
         pids = {"gateway": stack.gateway.proc.pid, "service": stack.service.proc.pid}
         stack.targets["gateway"] = SseTarget("gateway", stack.gateway.base_url, model, key, usage_option=True,
