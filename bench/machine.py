@@ -76,6 +76,9 @@ def describe() -> dict:
                                     capture_output=True, text=True).stdout.strip())
     except OSError:
         commit, dirty = "", False
+    if not commit and (ROOT / ".commit").exists():
+        # A snapshot made with `git archive` (to measure committed code while others edit the checkout).
+        commit, dirty = (ROOT / ".commit").read_text().strip() + " (snapshot)", False
     gpu = None
     if shutil.which("nvidia-smi"):
         query = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
