@@ -46,6 +46,10 @@ class ServiceConfig:
     max_running: int = 64
     # sglang engine
     tp_size: int = 1
+    # Multi-node SGLang (a model larger than one node): nodes, this node's rank, rank 0's address (host:port).
+    nnodes: int = 1
+    node_rank: int = 0
+    dist_init_addr: str | None = None
     mem_fraction_static: float | None = None
     chunked_prefill_size: int | None = None
     max_running_requests: int | None = None
@@ -117,7 +121,10 @@ def parse_args(argv: list[str] | None = None) -> ServiceConfig:
     g.add_argument("--max-batch-tokens", type=int, default=_env_int("MAX_BATCH_TOKENS", d.max_batch_tokens), help="tokens per forward pass (chunked prefill size)")
     g.add_argument("--max-running", type=int, default=_env_int("MAX_RUNNING", d.max_running), help="sequences per batch")
     g = p.add_argument_group("sglang engine")
-    g.add_argument("--tp-size", type=int, default=_env_int("TP_SIZE", d.tp_size), help="tensor parallel size (GPUs per replica)")
+    g.add_argument("--tp-size", type=int, default=_env_int("TP_SIZE", d.tp_size), help="tensor parallel size (GPUs per replica, over all its nodes)")
+    g.add_argument("--nnodes", type=int, default=_env_int("NNODES", d.nnodes), help="nodes one replica spans (multi-node tensor parallelism)")
+    g.add_argument("--node-rank", type=int, default=_env_int("NODE_RANK", d.node_rank), help="this node's rank; the service serves on rank 0")
+    g.add_argument("--dist-init-addr", default=_env("DIST_INIT_ADDR", None), help="host:port of rank 0 for multi-node setup")
     g.add_argument("--mem-fraction-static", type=float, default=_env_float("MEM_FRACTION_STATIC", 0) or None)
     g.add_argument("--chunked-prefill-size", type=int, default=_env_int("CHUNKED_PREFILL_SIZE", None))
     g.add_argument("--max-running-requests", type=int, default=_env_int("MAX_RUNNING_REQUESTS", None))
@@ -160,6 +167,9 @@ def parse_args(argv: list[str] | None = None) -> ServiceConfig:
         max_batch_tokens=a.max_batch_tokens,
         max_running=a.max_running,
         tp_size=a.tp_size,
+        nnodes=a.nnodes,
+        node_rank=a.node_rank,
+        dist_init_addr=a.dist_init_addr,
         mem_fraction_static=a.mem_fraction_static,
         chunked_prefill_size=a.chunked_prefill_size,
         max_running_requests=a.max_running_requests,

@@ -88,6 +88,11 @@ def engine_kwargs(config: ServiceConfig, model_path: str | None = None) -> dict[
         "max_running_requests": config.max_running_requests,
         "quantization": config.quantization,
     }
+    if config.nnodes > 1:
+        if config.node_rank != 0:
+            # Only rank 0 takes requests; the other nodes run SGLang's own worker (sglang.launch_server).
+            raise ValueError("the service runs on node rank 0; start the other nodes with sglang.launch_server")
+        optional.update(nnodes=config.nnodes, node_rank=0, dist_init_addr=config.dist_init_addr)
     kwargs.update({k: v for k, v in optional.items() if v is not None})
     return kwargs
 

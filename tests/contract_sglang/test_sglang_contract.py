@@ -77,10 +77,11 @@ CONFIGS = [
         dtype="float16",
         log_level="DEBUG",
     ),
+    ServiceConfig(model=str(MODEL), tp_size=16, nnodes=2, node_rank=0, dist_init_addr="10.0.0.1:5000"),
 ]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=["defaults", "named-fcfs", "everything"])
+@pytest.mark.parametrize("config", CONFIGS, ids=["defaults", "named-fcfs", "everything", "two-nodes"])
 def test_engine_kwargs_are_server_args(config):
     kwargs = engine_kwargs(config)
     # sglang.Engine builds exactly this from its kwargs; an unknown or misspelt key raises TypeError here.
