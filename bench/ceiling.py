@@ -24,21 +24,23 @@ SUSTAINED = 0.95
 
 
 async def ceiling(rates: list[float], streams: int, targets: list[str], duration_s: float, warmup_s: float,
-                  request_s: float, out: Path, log=print, quiet: float = 0.3, variants: list[str] | None = None) -> dict:
+                  request_s: float, out: Path, log=print, quiet: float = 0.3, variants: list[str] | None = None,
+                  steps: list[int] | None = None) -> dict:
     from bench.variants import VARIANTS
 
     m = machine.describe()
     log(f"machine: {machine.one_line(m)}")
     rows = []
     variants = variants or ["shipped"]
-    for rate, variant in [(r, v) for r in rates for v in variants]:
+    steps = steps or [1]
+    for rate, variant, step in [(r, v, k) for r in rates for v in variants for k in steps]:
         # Every request lasts about `request_s` at its stream's share of the rate, so the window holds several
         # requests per stream at every rate (request set-up is part of the stack's cost too).
         output_tokens = max(16, round(rate / streams * request_s))
         wl = Workload(prompt_tokens=Dist(64, 64), output_tokens=Dist(output_tokens, output_tokens))
-        spec = EngineSpec(kind="synthetic", tokens_per_s=0.0, total_tokens_per_s=rate)
+        spec = EngineSpec(kind="synthetic", tokens_per_s=0.0, total_tokens_per_s=rate, tokens_per_step=step)
         # A fresh service per rate: the rate is a start-up flag, and no run inherits another's backlog.
-        started = await stack.start(spec, targets, out / "logs" / f"{rate:g}-{variant}", log=lambda *_: None,
+        started = await stack.start(spec, targets, out / "logs" / f"{rate:g}-{variant}-{step}", log=lambda *_: None,
                                     variant=VARIANTS[variant])
         try:
             for name in targets:
@@ -50,8 +52,10 @@ async def ceiling(rates: list[float], streams: int, targets: list[str], duration
                 ideal_e2e = output_tokens / (rate / streams)
                 row = {
                     "rate": rate,
-                    "target": name if variant == "shipped" else f"{name} [{variant}]",
+                    "target": name + ("" if variant == "shipped" else f" [{variant}]")
+                    + ("" if step == 1 else f" [{step} tokens/step]"),
                     "variant": variant,
+                    "tokens_per_step": step,
                     "output_tokens": output_tokens,
                     # CPU time per delivered token: what optimisation has to bring down.
                     "cpu_us_per_token": {k: v * 1e6 / s.tokens_per_s for k, v in s.cpu_cores.items()
@@ -155,11 +159,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quiet-threshold", type=float, default=0.3)
     p.add_argument("--variants", default="shipped", help="comma-separated, of bench/variants.py: shipped, "
                    "gateway-c-http, service-uvloop, both")
+    p.add_argument("--tokens-per-step", default="1",
+                   help="comma-separated: tokens the engine gives each stream per step (per message): what coalescing saves")
     a = p.parse_args(argv)
     rates = [float(r) for r in a.rates.split(",")]
     targets = [t.strip() for t in a.targets.split(",") if t.strip()]
     asyncio.run(ceiling(rates, a.streams, targets, a.duration, a.warmup, a.request_seconds, out_dir("ceiling"),
-                        quiet=a.quiet_threshold, variants=a.variants.split(",")))
+                        quiet=a.quiet_threshold, variants=a.variants.split(","),
+                        steps=[int(k) for k in a.tokens_per_step.split(",")]))
 
 
 if __name__ == "__main__":

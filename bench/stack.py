@@ -32,6 +32,7 @@ class EngineSpec:
     tokens_per_s: float = 50.0
     total_tokens_per_s: float = 0.0
     ttft_s: float = 0.0
+    tokens_per_step: int = 1
     # transformers engine (the service's own defaults; the peer is given the same KV cache geometry)
     model: str | None = None
     dtype: str = "float32"
@@ -49,7 +50,8 @@ class EngineSpec:
     def service_args(self) -> list[str]:
         if self.kind == "synthetic":
             return ["--engine", "synthetic", "--synthetic-tokens-per-s", f"{self.tokens_per_s:g}",
-                    "--synthetic-total-tokens-per-s", f"{self.total_tokens_per_s:g}", "--synthetic-ttft", f"{self.ttft_s:g}"]
+                    "--synthetic-total-tokens-per-s", f"{self.total_tokens_per_s:g}", "--synthetic-ttft", f"{self.ttft_s:g}",
+                    "--synthetic-tokens-per-step", str(self.tokens_per_step)]
         return ["--engine", self.kind, "--model", self.model_path(), "--dtype", self.dtype,
                 "--page-size", str(self.page_size), "--kv-cache-tokens", str(self.kv_cache_tokens),
                 "--max-batch-tokens", str(self.max_batch_tokens)]
@@ -60,7 +62,7 @@ class EngineSpec:
         if self.kind == "synthetic":
             return ServiceConfig(engine="synthetic", synthetic_tokens_per_s=self.tokens_per_s,
                                  synthetic_total_tokens_per_s=self.total_tokens_per_s, synthetic_ttft_s=self.ttft_s,
-                                 metrics_port=None)
+                                 synthetic_tokens_per_step=self.tokens_per_step, metrics_port=None)
         return ServiceConfig(engine=self.kind, model=self.model_path(), dtype=self.dtype, page_size=self.page_size,
                              kv_cache_tokens=self.kv_cache_tokens, max_batch_tokens=self.max_batch_tokens, metrics_port=None)
 
@@ -69,7 +71,8 @@ class EngineSpec:
             per = "unlimited" if not self.tokens_per_s else f"{self.tokens_per_s:g}"
             total = f", {self.total_tokens_per_s:g} tokens/s shared" if self.total_tokens_per_s else ""
             ttft = f", first token after {self.ttft_s * 1000:g} ms" if self.ttft_s else ""
-            return f"synthetic engine ({per} tokens/s per stream{total}{ttft})"
+            step = f", {self.tokens_per_step} tokens per step" if self.tokens_per_step > 1 else ""
+            return f"synthetic engine ({per} tokens/s per stream{total}{ttft}{step})"
         return f"{self.kind} engine, {Path(self.model_path()).name}, {self.dtype}, CPU"
 
 

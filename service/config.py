@@ -60,6 +60,8 @@ class ServiceConfig:
     synthetic_tokens_per_s: float = 50.0
     synthetic_total_tokens_per_s: float = 0.0
     synthetic_ttft_s: float = 0.0
+    # Tokens each stream gets per step (what one output carries): >1 stands in for a stream interval.
+    synthetic_tokens_per_step: int = 1
     # admission control: generations admitted at once, and how many more may wait; beyond that, RESOURCE_EXHAUSTED
     max_inflight: int = 256
     max_queue: int = 512
@@ -134,6 +136,7 @@ def parse_args(argv: list[str] | None = None) -> ServiceConfig:
     g.add_argument("--synthetic-tokens-per-s", type=float, default=_env_float("SYNTHETIC_TOKENS_PER_S", d.synthetic_tokens_per_s), help="tokens per second per stream; 0: no per-stream limit (then set the total)")
     g.add_argument("--synthetic-total-tokens-per-s", type=float, default=_env_float("SYNTHETIC_TOTAL_TOKENS_PER_S", d.synthetic_total_tokens_per_s), help="tokens per second shared by all streams (0: no shared cap), e.g. 20000 across 256 streams")
     g.add_argument("--synthetic-ttft", type=float, default=_env_float("SYNTHETIC_TTFT_S", d.synthetic_ttft_s), help="seconds before a request's first token (a stand-in for prefill)")
+    g.add_argument("--synthetic-tokens-per-step", type=int, default=_env_int("SYNTHETIC_TOKENS_PER_STEP", d.synthetic_tokens_per_step), help="tokens per stream per step, i.e. per output message (1: one token a message)")
     g = p.add_argument_group("admission and shutdown")
     g.add_argument("--max-inflight", type=int, default=_env_int("MAX_INFLIGHT", d.max_inflight), help="generations admitted at once")
     g.add_argument("--max-queue", type=int, default=_env_int("MAX_QUEUE", d.max_queue), help="generations that may wait for admission")
@@ -178,6 +181,7 @@ def parse_args(argv: list[str] | None = None) -> ServiceConfig:
         synthetic_tokens_per_s=a.synthetic_tokens_per_s,
         synthetic_total_tokens_per_s=a.synthetic_total_tokens_per_s,
         synthetic_ttft_s=a.synthetic_ttft,
+        synthetic_tokens_per_step=a.synthetic_tokens_per_step,
         max_inflight=a.max_inflight,
         max_queue=a.max_queue,
         shutdown_grace_s=a.shutdown_grace,

@@ -4,6 +4,8 @@ It exists to measure the serving stack's own cost and ceiling (gRPC, gateway, SS
 real batch engine it advances every running sequence together, one step at a time: each stream gets
 `synthetic_tokens_per_s`, and `synthetic_total_tokens_per_s` (when set) is shared by all running streams, so
 "20,000 tokens/s across 256 streams" is `--synthetic-tokens-per-s 0 --synthetic-total-tokens-per-s 20000`.
+`--synthetic-tokens-per-step N` gives each stream N tokens per step, i.e. per output message, at the same rate:
+what a stream interval (several tokens per message) would save the stack.
 Production does not wait for the reader: a reader that falls behind gets everything produced since its last
 read merged into one output (as the transformers engine merges its queue), so nothing buffers without bound.
 
@@ -64,7 +66,8 @@ FIRST_TOKEN_ID = 1000
 # Steps are at least this far apart (the event loop's timers are not finer); a faster rate gives several
 # tokens per step, as a real engine gives several tokens per step to a speculative or multi-token decoder.
 MIN_STEP_S = 0.001
-MAX_STEP_S = 0.05
+# A step is never longer than this, so a change of rate (streams joining a shared rate) is noticed quickly.
+MAX_STEP_S = 1.0
 
 
 def token_text(position: int) -> str:
@@ -111,11 +114,14 @@ class SyntheticEngine:
         total = config.synthetic_total_tokens_per_s
         if per_stream < 0 or total < 0 or config.synthetic_ttft_s < 0:
             raise ValueError("synthetic engine rates and time to first token must not be negative")
+        if config.synthetic_tokens_per_step < 1:
+            raise ValueError("the synthetic engine gives at least one token per step")
         if per_stream == 0 and total == 0:
             raise ValueError("the synthetic engine needs a rate: --synthetic-tokens-per-s or --synthetic-total-tokens-per-s")
         self._per_stream = per_stream or math.inf
         self._total = total or math.inf
         self._ttft = config.synthetic_ttft_s
+        self._step_tokens = config.synthetic_tokens_per_step
         context = config.context_length or DEFAULT_CONTEXT
         self._info = ModelInfo(
             name=config.served_model_name or NAME,
@@ -182,7 +188,7 @@ class SyntheticEngine:
                 await self._has_work.wait()
                 last = loop.time()
             rate = self._stream_rate()
-            await asyncio.sleep(min(MAX_STEP_S, max(MIN_STEP_S, 1.0 / rate)))
+            await asyncio.sleep(min(MAX_STEP_S, max(MIN_STEP_S, self._step_tokens / rate)))
             now = loop.time()
             # Credit by elapsed time, not by steps: a late wake-up (a busy loop) gives more tokens, not fewer.
             self._advance(min(now - last, 1.0) * self._stream_rate())
@@ -194,9 +200,13 @@ class SyntheticEngine:
 
     def _advance(self, credit: float) -> None:
         finished = []
+        step = self._step_tokens
         for s in self._running:
             s.credit += credit
-            tokens = min(int(s.credit), s.max_tokens - s.produced)
+            remaining = s.max_tokens - s.produced
+            whole = int(s.credit)
+            # Whole steps only (the last one may be short): each output then carries `step` tokens.
+            tokens = remaining if whole >= remaining else whole - whole % step
             if tokens <= 0:
                 continue
             s.credit -= tokens

@@ -158,3 +158,15 @@ async def test_start_warns_that_it_is_for_benchmarks(caplog):
         engine = await _started()
     await engine.stop()
     assert any("benchmark" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+
+
+async def test_tokens_per_step_sets_tokens_per_output():
+    engine = await _started(synthetic_tokens_per_s=2000, synthetic_tokens_per_step=4)
+    try:
+        outputs = await _collect(engine, _request(max_tokens=23))
+    finally:
+        await engine.stop()
+    sizes = [len(out.choices[0].token_ids) for out in outputs]
+    # The first token comes alone at admission, then whole steps of 4, and a short last step.
+    assert sum(sizes) == 23
+    assert sizes[0] == 1 and all(size % 4 == 0 for size in sizes[1:-1]) and sizes[-1] <= 4 + 4
