@@ -55,8 +55,8 @@ test-sglang: $(SGLANG_STAMP) model
 	$(SGLANG_VENV)/bin/python -m pytest -q -m sglang tests/contract_sglang
 
 # Benchmarks (bench/README.md). `make bench` runs every scenario of the performance targets and writes
-# bench/results/suite-<time>/REPORT.md with its tables and charts (~13 min on 2 cores; `make bench
-# BENCH_QUICK=1`: ~5 min). `make bench-soak` holds load through the gateway for SOAK_MINUTES and reports
+# bench/results/suite-<time>/REPORT.md with its tables and charts (~14 min on 2 cores; `make bench
+# BENCH_QUICK=1`: ~6 min). `make bench-soak` holds load through the gateway for SOAK_MINUTES and reports
 # memory and latency drift. Neither is part of `make test`: they measure, they do not pass or fail.
 BENCH_STAMP := $(VENV)/.bench-installed
 SOAK_MINUTES ?= 10
