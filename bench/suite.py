@@ -1,8 +1,8 @@
 """`python -m bench.suite` (`make bench`): every scenario of the performance targets, one report.
 
 1. overhead, synthetic engine: gateway / gRPC / in-process at 1 and 64 streams;
-2. the real model (SmolLM2 on the CPU): gateway / in-process / `transformers serve` at 1, 8, 32, and gateway /
-   in-process at 64;
+2. the real model (SmolLM2 on the CPU): gateway / in-process / `transformers serve` at 1, 8, 32 (and with
+   `--with-64`, gateway / in-process at 64);
 3. prefix caching: half the requests share a 1,000-token system prompt, half have a cold one of the same length;
 4. the ceiling: the synthetic engine at rising rates across 256 streams, and with 4 tokens per message;
 5. start-up with the model prepared.
@@ -31,7 +31,7 @@ PREFIX_RATIO = 1 / 3
 STARTUP_S = 15.0
 
 
-async def suite(quick: bool, out, log=print) -> str:
+async def suite(quick: bool, out, log=print, with_64: bool = False) -> str:
     started = time.monotonic()
     sections: list[str] = []
     verdicts: list[str] = []
@@ -53,18 +53,19 @@ async def suite(quick: bool, out, log=print) -> str:
     # window starts with the first wave (every target has had its warm-up requests already). The direct
     # gRPC target is left out here: on this model it measures the same as in-process (see bench/README.md).
     real = EngineSpec(kind="transformers")
+    # Two rounds: at 32 streams the same target measured twice in a row differs by up to 20% on this machine.
     levels = [1, 8] if q else [1, 8, 32]
     model = await benchmark(
         real, Workload(Dist(64, 64), Dist(24, 40)), ["gateway", "inprocess", "peer"], levels,
-        duration_s=6 if q else 10, warmup_s=0, rounds=1, out=out / "real-model",
+        duration_s=6 if q else 10, warmup_s=0, rounds=1 if q else 2, out=out / "real-model",
         title="SmolLM2-135M-Instruct on the CPU: ours and transformers serve", log=log,
-        duration_per_stream_s=0.3 if q else 0.6,
+        duration_per_stream_s=0.3 if q else 0.45,
     )
     sections.append((out / "real-model" / "results.md").read_text())
     verdicts += _overhead_verdicts(model, "real model")
     verdicts += _peer_verdicts(model)
-    if not q:
-        # The overhead target also names 64 streams; one wave of 64 takes ~20 s here.
+    if with_64:
+        # The overhead target also names 64 streams; one wave of 64 takes ~20 s here (+2 min).
         model64 = await benchmark(
             real, Workload(Dist(64, 64), Dist(24, 40)), ["gateway", "inprocess"], [64],
             duration_s=40, warmup_s=0, rounds=1, out=out / "real-model-64",
@@ -190,8 +191,9 @@ def _ceiling_verdicts(payload: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.suite", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="shorter windows, fewer levels and rates")
+    p.add_argument("--with-64", action="store_true", help="also the real model at 64 streams, gateway vs in-process")
     a = p.parse_args(argv)
-    asyncio.run(suite(a.quick, out_dir("suite-quick" if a.quick else "suite")))
+    asyncio.run(suite(a.quick, out_dir("suite-quick" if a.quick else "suite"), with_64=a.with_64))
 
 
 if __name__ == "__main__":
