@@ -279,10 +279,14 @@ class ChatChunkEncoder(_ChunkEncoder):
         out = []
         for c in response.choices:
             index = offset + c.index
-            if c.text or c.logprobs:
-                logprobs = {"content": [logprob_entry(lp) for lp in c.logprobs]} if c.logprobs else None
+            if c.logprobs:
+                logprobs = {"content": [logprob_entry(lp) for lp in c.logprobs]}
                 out.append(self._chunk({"index": index, "delta": {"content": c.text}, "logprobs": logprobs,
                                         "finish_reason": None}))
+            elif c.text:
+                # The common chunk, once per message: only the text needs encoding (json.dumps of one string).
+                out.append(f'{self._head}{{"index":{index},"delta":{{"content":{_dumps(c.text)}}},'
+                           f'"logprobs":null,"finish_reason":null}}{self._tail}')
             if c.tool_calls:
                 # As OpenAI streams them: a call's first delta holds its id, type and name, later ones only
                 # further fragments of its arguments.

@@ -65,6 +65,11 @@ class ServiceConfig:
     # admission control: generations admitted at once, and how many more may wait; beyond that, RESOURCE_EXHAUSTED
     max_inflight: int = 256
     max_queue: int = 512
+    # Under load, a stream sends at most one message per interval, each carrying every token made meanwhile: the
+    # cost of the gRPC and SSE hops follows messages, not tokens. The first message is never held back.
+    stream_interval_ms: float = 40.0
+    # Streams in flight from which the interval applies; below it every token is sent at once.
+    coalesce_min_streams: int = 64
     # On SIGTERM: how long in-flight generations may run on before they are cancelled.
     shutdown_grace_s: float = 30.0
     metrics_port: int | None = 9090
@@ -140,6 +145,8 @@ def parse_args(argv: list[str] | None = None) -> ServiceConfig:
     g = p.add_argument_group("admission and shutdown")
     g.add_argument("--max-inflight", type=int, default=_env_int("MAX_INFLIGHT", d.max_inflight), help="generations admitted at once")
     g.add_argument("--max-queue", type=int, default=_env_int("MAX_QUEUE", d.max_queue), help="generations that may wait for admission")
+    g.add_argument("--stream-interval-ms", type=float, default=_env_float("STREAM_INTERVAL_MS", d.stream_interval_ms), help="under load, the least time between two messages of a stream (0: send every token at once)")
+    g.add_argument("--coalesce-min-streams", type=int, default=_env_int("COALESCE_MIN_STREAMS", d.coalesce_min_streams), help="streams in flight from which --stream-interval-ms applies")
     g.add_argument("--shutdown-grace", type=float, default=_env_float("SHUTDOWN_GRACE_S", d.shutdown_grace_s), help="seconds in-flight generations get to finish on SIGTERM")
     g = p.add_argument_group("operations")
     g.add_argument("--metrics-port", type=int, default=_env_int("METRICS_PORT", d.metrics_port), help="Prometheus /metrics port; -1 disables")
@@ -184,6 +191,8 @@ def parse_args(argv: list[str] | None = None) -> ServiceConfig:
         synthetic_tokens_per_step=a.synthetic_tokens_per_step,
         max_inflight=a.max_inflight,
         max_queue=a.max_queue,
+        stream_interval_ms=a.stream_interval_ms,
+        coalesce_min_streams=a.coalesce_min_streams,
         shutdown_grace_s=a.shutdown_grace,
         metrics_port=None if a.metrics_port is not None and a.metrics_port < 0 else a.metrics_port,
         metrics_host=a.metrics_host,

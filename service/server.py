@@ -24,7 +24,7 @@ from service.admission import Admission
 from service.config import ServiceConfig
 from service.engines import Engine, create_engine
 from service.metrics import ServiceMetrics
-from service.servicer import GenerateServicer
+from service.servicer import GenerateServicer, Pacing
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,11 @@ async def serve(config: ServiceConfig, engine: Engine | None = None) -> ExitCode
         ]
     )
     generate_pb2_grpc.add_GenerateServicer_to_server(
-        GenerateServicer(engine, admission, metrics, config.auth_token), server
+        GenerateServicer(
+            engine, admission, metrics, config.auth_token,
+            Pacing(config.stream_interval_ms / 1000, config.coalesce_min_streams),
+        ),
+        server,
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
