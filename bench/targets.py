@@ -46,6 +46,21 @@ class Result:
     cached_tokens: int | None = None
     error: str | None = None
 
+    def arrived(self, now: float, choices) -> None:
+        """Record a message (gRPC or in-process output) by the token ids its choices carry."""
+        tokens = sum(len(choice.token_ids) for choice in choices)
+        if tokens:
+            if self.first is None:
+                self.first = now
+            self.times.append(now)
+            self.tokens.append(tokens)
+
+    def take_usage(self, usage) -> None:
+        """The usage of the gRPC Usage message or the engine's Usage (same field names)."""
+        self.completion_tokens = usage.completion_tokens
+        self.prompt_tokens = usage.prompt_tokens
+        self.cached_tokens = usage.cached_tokens
+
 
 class Target:
     name: str
@@ -215,19 +230,9 @@ class GrpcTarget(Target):
         call = self._stub.Generate(self.message(work, self._model), timeout=REQUEST_TIMEOUT_S)
         try:
             async for response in call:
-                now = time.perf_counter()
-                tokens = 0
-                for choice in response.choices:
-                    tokens += len(choice.token_ids)
-                if tokens:
-                    if result.first is None:
-                        result.first = now
-                    result.times.append(now)
-                    result.tokens.append(tokens)
+                result.arrived(time.perf_counter(), response.choices)
                 if response.HasField("usage"):
-                    result.completion_tokens = response.usage.completion_tokens
-                    result.prompt_tokens = response.usage.prompt_tokens
-                    result.cached_tokens = response.usage.cached_tokens
+                    result.take_usage(response.usage)
             result.end = time.perf_counter()
         except grpc.aio.AioRpcError as e:
             result.error = f"gRPC {e.code().name}: {e.details()}"
@@ -265,19 +270,9 @@ class InProcessTarget(Target):
         try:
             async with contextlib.aclosing(self.engine.generate(request)) as outputs:
                 async for output in outputs:
-                    now = time.perf_counter()
-                    tokens = 0
-                    for choice in output.choices:
-                        tokens += len(choice.token_ids)
-                    if tokens:
-                        if result.first is None:
-                            result.first = now
-                        result.times.append(now)
-                        result.tokens.append(tokens)
+                    result.arrived(time.perf_counter(), output.choices)
                     if output.usage is not None:
-                        result.completion_tokens = output.usage.completion_tokens
-                        result.prompt_tokens = output.usage.prompt_tokens
-                        result.cached_tokens = output.usage.cached_tokens
+                        result.take_usage(output.usage)
             result.end = time.perf_counter()
         except ServiceError as e:
             result.error = f"{type(e).__name__}: {e}"
