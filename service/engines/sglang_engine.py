@@ -40,6 +40,7 @@ from service.domain import (
 )
 from service.engines.base import EngineStats
 from service.engines.hf_model import model_name, sampling_defaults, token_bytes
+from service.engines.text import partial_stop_len
 from service.engines.tool_calls import ToolCallExtractor, tool_format
 from service.errors import EngineFailure, InvalidArgument, Overloaded, ServiceError, Unavailable
 
@@ -146,17 +147,6 @@ def abort_error(finish_reason: Mapping[str, Any]) -> ServiceError:
     if status == 503:
         return Unavailable("the engine is not taking requests right now")
     return EngineFailure("the engine aborted this request")
-
-
-def _partial_stop_len(text: str, stops: tuple[str, ...]) -> int:
-    """The length of the longest tail of `text` that is a proper prefix of a stop string."""
-    longest = 0
-    for stop in stops:
-        for size in range(min(len(stop) - 1, len(text)), longest, -1):
-            if stop.startswith(text[-size:]):
-                longest = size
-                break
-    return longest
 
 
 class CumulativeToDelta:
@@ -267,7 +257,7 @@ class CumulativeToDelta:
             return ""
         if delta.finish_reason is None:
             stable = text.rstrip("\ufffd")
-            stable = stable[: len(stable) - _partial_stop_len(stable[len(emitted) :], self._stops)]
+            stable = stable[: len(stable) - partial_stop_len(stable[len(emitted) :], self._stops)]
         else:
             stable = text
             if delta.stop_string is not None:

@@ -22,6 +22,18 @@ class IncrementalDetokenizer:
         return self._stream.step(self._backend, token_id) or ""
 
 
+def partial_stop_len(text: str, stops: tuple[str, ...]) -> int:
+    """The length of the longest tail of `text` that is a proper prefix of a stop string: text that must be held
+    back until it is known not to start one."""
+    longest = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), longest, -1):
+            if stop.startswith(text[-size:]):
+                longest = size
+                break
+    return longest
+
+
 class StopMatcher:
     """Finds stop strings in streamed text. Text that might be the start of a stop string is held back until
     it is known not to be one, so a stop string is never streamed out and then taken back."""
@@ -43,7 +55,7 @@ class StopMatcher:
         if best is not None:
             self._held = ""
             return pending[: best[0]], best[1]
-        keep = self._longest_partial_suffix(pending)
+        keep = partial_stop_len(pending, self._stops)
         self._held = pending[len(pending) - keep :] if keep else ""
         return pending[: len(pending) - keep], None
 
@@ -51,12 +63,3 @@ class StopMatcher:
         """The held-back text, once the choice ended without a stop string."""
         held, self._held = self._held, ""
         return held
-
-    def _longest_partial_suffix(self, text: str) -> int:
-        longest = 0
-        for stop in self._stops:
-            for size in range(min(len(stop) - 1, len(text)), longest, -1):
-                if stop.startswith(text[-size:]):
-                    longest = size
-                    break
-        return longest
