@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from common import procs
+from common.procs import scrape, stop_process  # noqa: F401  (scrape: used as bench.procs.scrape)
 
 ROOT = Path(__file__).resolve().parents[1]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -42,14 +40,7 @@ class Proc:
         return cpu_seconds(self.pid)
 
     def stop(self, timeout: float = 30) -> int | None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return stop_process(self.process, timeout)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -73,47 +64,18 @@ def spawn(name: str, argv: list[str], workdir: Path, env: dict[str, str] | None 
 
 
 def wait_for_file(path: Path, proc: Proc, timeout: float = 120) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and path.read_text().strip():
-            return path.read_text().strip()
-        if not proc.alive():
-            raise RuntimeError(f"{proc.name} exited with {proc.process.returncode}:\n{proc.log()}")
-        time.sleep(0.02)
-    raise TimeoutError(f"{path} did not appear within {timeout} s:\n{proc.log()}")
+    return procs.wait_for_file(path, proc.process, proc.name, timeout, interval=0.02, context=proc.log)
 
 
 def wait_serving(target: str, proc: Proc | None = None, timeout: float = 300, interval: float = 0.02) -> float:
     """Poll the gRPC health check until SERVING; returns the monotonic time it first answered SERVING."""
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if proc is not None and not proc.alive():
-                raise RuntimeError(f"{proc.name} exited with {proc.process.returncode}:\n{proc.log()}")
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return time.monotonic()
-            except grpc.RpcError:
-                pass
-            time.sleep(interval)
-    raise TimeoutError(f"{target} was not SERVING within {timeout} s")
+    return procs.wait_serving(target, proc and proc.process, proc.name if proc else "service", timeout, interval,
+                              proc and proc.log)
 
 
 def wait_http_ok(url: str, proc: Proc | None = None, timeout: float = 120, interval: float = 0.05) -> float:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and not proc.alive():
-            raise RuntimeError(f"{proc.name} exited with {proc.process.returncode}:\n{proc.log()}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as reply:
-                if reply.status == 200:
-                    return time.monotonic()
-        except OSError:
-            pass
-        time.sleep(interval)
-    raise TimeoutError(f"{url} did not answer 200 within {timeout} s")
+    return procs.wait_http_ok(url, proc and proc.process, proc.name if proc else "process", timeout, interval,
+                              proc and proc.log)
 
 
 @dataclass
@@ -216,15 +178,3 @@ def start_peer(workdir: Path, model: str, dtype: str, page_size: int, kv_cache_t
     return Peer(proc, base, model, ready_at - proc.started_at)
 
 
-def scrape(url: str) -> dict[str, float]:
-    """A Prometheus endpoint's unlabelled samples and labelled ones as 'name{k="v"}'."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(url, timeout=5) as reply:
-        text = reply.read().decode()
-    samples: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return samples

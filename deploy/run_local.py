@@ -16,57 +16,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from common.procs import ProcessExited, stop_process, wait_for_file, wait_http_ok, wait_serving
 
 READY_TIMEOUT_S = 600.0
-
-
-def _wait_for_port_file(path: Path, process: subprocess.Popen, name: str, timeout: float) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the {name} exited with code {process.returncode} while starting")
-        text = path.read_text().strip() if path.exists() else ""
-        if text:
-            return int(text)
-        time.sleep(0.1)
-    raise SystemExit(f"the {name} did not bind a port within {timeout:.0f} s")
-
-
-def _wait_for_serving(target: str, process: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise SystemExit(f"the service exited with code {process.returncode} while starting")
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise SystemExit(f"the service was not SERVING within {timeout:.0f} s")
-
-
-def _wait_for_http(url: str, process: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the gateway exited with code {process.returncode} while starting")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as reply:
-                if reply.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"the gateway did not answer {url} within {timeout:.0f} s")
 
 
 def _public_address() -> str:
@@ -77,16 +31,6 @@ def _public_address() -> str:
             return s.getsockname()[0]
     except OSError:
         return "127.0.0.1"
-
-
-def _stop(process: subprocess.Popen, timeout: float) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def main() -> int:
@@ -125,16 +69,16 @@ def main() -> int:
     )
     gateway = None
     try:
-        grpc_port = _wait_for_port_file(service_port_file, service, "service", READY_TIMEOUT_S)
+        grpc_port = int(wait_for_file(service_port_file, service, "service", READY_TIMEOUT_S, interval=0.1))
         grpc_target = f"127.0.0.1:{grpc_port}"
-        _wait_for_serving(grpc_target, service, READY_TIMEOUT_S)
+        wait_serving(grpc_target, service, "service", READY_TIMEOUT_S, interval=0.2)
         gateway = subprocess.Popen(
             [python, "-m", "gateway", "--host", args.gateway_host, "--port", str(args.gateway_port),
              "--port-file", str(gateway_port_file), "--backend", grpc_target],
             env=env,
         )
-        http_port = _wait_for_port_file(gateway_port_file, gateway, "gateway", 60)
-        _wait_for_http(f"http://127.0.0.1:{http_port}/livez", gateway, 60)
+        http_port = int(wait_for_file(gateway_port_file, gateway, "gateway", 60, interval=0.1))
+        wait_http_ok(f"http://127.0.0.1:{http_port}/livez", gateway, "gateway", 60, interval=0.1)
         host = _public_address() if args.gateway_host in ("0.0.0.0", "::") else args.gateway_host
         base_url = f"http://{host}:{http_port}/v1"
         print(
@@ -157,11 +101,14 @@ def main() -> int:
                 return 1
             time.sleep(0.2)
         return 0
+    except (ProcessExited, TimeoutError) as e:
+        print(e, file=sys.stderr)
+        return 1
     finally:
         # The gateway goes first so that it finishes its open streams while the service still serves them.
         if gateway is not None:
-            _stop(gateway, 40)
-        _stop(service, 40)
+            stop_process(gateway, 40)
+        stop_process(service, 40)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,11 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from common import procs
+from common.procs import scrape, stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,15 +24,11 @@ class Proc:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def tail(self) -> str:
+        return self.log()[-4000:]
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return stop_process(self.process, timeout, sig)
 
 
 def spawn(args: list[str], log_path: Path, env: dict[str, str] | None = None) -> Proc:
@@ -44,46 +39,15 @@ def spawn(args: list[str], log_path: Path, env: dict[str, str] | None = None) ->
 
 
 def wait_for_file(path: Path, proc: Proc, timeout: float = 120) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and path.read_text().strip():
-            return path.read_text().strip()
-        if proc.process.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.process.returncode}:\n{proc.log()[-4000:]}")
-        time.sleep(0.05)
-    raise TimeoutError(f"{path} did not appear:\n{proc.log()[-4000:]}")
+    return procs.wait_for_file(path, proc.process, timeout=timeout, context=proc.tail)
 
 
 def wait_serving(target: str, proc: Proc | None = None, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if proc is not None and proc.process.poll() is not None:
-                raise RuntimeError(f"service exited with {proc.process.returncode}:\n{proc.log()[-4000:]}")
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1, wait_for_ready=True)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.05)
-    raise TimeoutError(f"{target} not SERVING in {timeout} s")
+    procs.wait_serving(target, proc and proc.process, timeout=timeout, context=proc and proc.tail)
 
 
 def wait_http_ok(url: str, proc: Proc | None = None, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.process.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.process.returncode}:\n{proc.log()[-4000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as reply:
-                if reply.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"{url} not ready in {timeout} s")
+    procs.wait_http_ok(url, proc and proc.process, timeout=timeout, context=proc and proc.tail)
 
 
 @dataclass
@@ -126,20 +90,6 @@ def start_gateway(tmp: Path, backend: str, *extra: str, keys: str, name: str = "
     port = wait_for_file(port_file, proc)
     wait_http_ok(f"http://127.0.0.1:{port}/livez", proc)
     return proc, f"http://127.0.0.1:{port}"
-
-
-def scrape(url: str) -> dict[str, float]:
-    """A Prometheus endpoint's samples as {'name{label="v",...}': value}."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(url, timeout=5) as reply:
-        text = reply.read().decode()
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return samples
 
 
 def wait_until(predicate, timeout: float = 30, interval: float = 0.1, message: str = "condition") -> None:
