@@ -119,7 +119,9 @@ async def test_cancel_while_waiting_for_first_token():
     engine = await _started(synthetic_tokens_per_s=100, synthetic_ttft_s=10.0)
     try:
         task = asyncio.create_task(_collect(engine, _request()))
-        await asyncio.sleep(0.01)
+        async with asyncio.timeout(5):
+            while engine.stats().waiting == 0:  # the task has not reached the engine yet
+                await asyncio.sleep(0)
         assert engine.stats().waiting == 1
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
