@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 from dataclasses import dataclass
 
@@ -39,12 +40,19 @@ class ServiceConfig:
     dtype: str = "auto"
     # How the model writes tool calls (service/engines/tool_calls.py): its prompt, grammar and parser.
     tool_parser: str = "hermes"
+    # Compute threads of the CPU engines (torch intra-op threads); None: one per core this process may use.
+    threads: int | None = None
+    # KV cache size in tokens; None: the engine's default (transformers 32768, SGLang on CPU sized from memory).
+    kv_cache_tokens: int | None = None
     # transformers engine
-    kv_cache_tokens: int = 32768
     page_size: int = 32
     max_batch_tokens: int = 1024
     max_running: int = 64
     # sglang engine
+    # auto: cuda when torch sees a CUDA GPU, else cpu (service/engines/sglang_cpu.py).
+    device: str = "auto"
+    # Further sglang ServerArgs fields, as given (--sglang-arg KEY=VALUE); later ones win.
+    sglang_args: tuple[tuple[str, object], ...] = ()
     tp_size: int = 1
     # Multi-node SGLang (a model larger than one node): nodes, this node's rank, rank 0's address (host:port).
     nnodes: int = 1
@@ -94,6 +102,18 @@ class ServiceConfig:
         return out
 
 
+def _sglang_arg(text: str) -> tuple[str, object]:
+    """KEY=VALUE, the value read as JSON where it is JSON (numbers, true/false, lists) and as a string otherwise."""
+    key, sep, value = text.partition("=")
+    key = key.strip().removeprefix("--").replace("-", "_")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
 def parse_args(argv: list[str] | None = None) -> ServiceConfig:
     d = ServiceConfig()
     p = argparse.ArgumentParser(
@@ -122,12 +142,15 @@ def parse_args(argv: list[str] | None = None) -> ServiceConfig:
         help="the model's tool-call syntax: hermes is <tool_call>{...}</tool_call> (Hermes, Qwen2.5, Qwen3, and the "
         "default model, which is prompted with it) (CHATSERVE_TOOL_PARSER)",
     )
+    p.add_argument("--threads", type=int, default=_env_int("THREADS", None), help="compute threads of the CPU engines (default: one per core this process may use) (CHATSERVE_THREADS)")
+    p.add_argument("--kv-cache-tokens", type=int, default=_env_int("KV_CACHE_TOKENS", None), help="KV cache size in tokens (default: transformers 32768; sglang on CPU: 10%% of the memory available at start, 4096-65536; sglang on GPU: from --mem-fraction-static) (CHATSERVE_KV_CACHE_TOKENS)")
     g = p.add_argument_group("transformers engine")
-    g.add_argument("--kv-cache-tokens", type=int, default=_env_int("KV_CACHE_TOKENS", d.kv_cache_tokens), help="KV cache size in tokens")
     g.add_argument("--page-size", type=int, default=_env_int("PAGE_SIZE", d.page_size), help="tokens per KV cache page (prefix sharing works in whole pages)")
     g.add_argument("--max-batch-tokens", type=int, default=_env_int("MAX_BATCH_TOKENS", d.max_batch_tokens), help="tokens per forward pass (chunked prefill size)")
     g.add_argument("--max-running", type=int, default=_env_int("MAX_RUNNING", d.max_running), help="sequences per batch")
     g = p.add_argument_group("sglang engine")
+    g.add_argument("--device", choices=["auto", "cuda", "cpu"], default=_env("DEVICE", d.device), help="auto: cuda when a CUDA GPU is visible, else cpu (SGLang's CPU engine, see README) (CHATSERVE_DEVICE)")
+    g.add_argument("--sglang-arg", dest="sglang_args", action="append", type=_sglang_arg, default=[], metavar="KEY=VALUE", help="any other sglang ServerArgs field, e.g. --sglang-arg enable_deterministic_inference=true (repeatable; values read as JSON where they parse)")
     g.add_argument("--tp-size", type=int, default=_env_int("TP_SIZE", d.tp_size), help="tensor parallel size (GPUs per replica, over all its nodes)")
     g.add_argument("--nnodes", type=int, default=_env_int("NNODES", d.nnodes), help="nodes one replica spans (multi-node tensor parallelism)")
     g.add_argument("--node-rank", type=int, default=_env_int("NODE_RANK", d.node_rank), help="this node's rank; the service serves on rank 0")
@@ -172,10 +195,13 @@ def parse_args(argv: list[str] | None = None) -> ServiceConfig:
         max_output_tokens=a.max_output_tokens,
         dtype=a.dtype,
         tool_parser=a.tool_parser,
+        threads=a.threads,
         kv_cache_tokens=a.kv_cache_tokens,
         page_size=a.page_size,
         max_batch_tokens=a.max_batch_tokens,
         max_running=a.max_running,
+        device=a.device,
+        sglang_args=tuple(a.sglang_args),
         tp_size=a.tp_size,
         nnodes=a.nnodes,
         node_rank=a.node_rank,

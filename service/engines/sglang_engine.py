@@ -81,6 +81,9 @@ def engine_kwargs(config: ServiceConfig, model_path: str | None = None) -> dict[
         "log_level": "info" if config.log_level.upper() == "DEBUG" else "warning",
         # SGLang's own Prometheus metrics (sglang:*), served on the service's /metrics beside ours.
         "enable_metrics": True,
+        # Compact JSON under a schema, as the transformers engine's grammars (service/engines/grammar.py): with any
+        # whitespace allowed, a small model can spend its whole budget on newlines inside the object.
+        "constrained_json_disable_any_whitespace": True,
     }
     optional = {
         "context_length": config.context_length,
@@ -95,7 +98,32 @@ def engine_kwargs(config: ServiceConfig, model_path: str | None = None) -> dict[
             raise ValueError("the service runs on node rank 0; start the other nodes with sglang.launch_server")
         optional.update(nnodes=config.nnodes, node_rank=0, dist_init_addr=config.dist_init_addr)
     kwargs.update({k: v for k, v in optional.items() if v is not None})
+    if config.kv_cache_tokens is not None:
+        kwargs["max_total_tokens"] = config.kv_cache_tokens
     return kwargs
+
+
+def resolve_device(requested: str) -> str:
+    """`auto` is cuda where torch sees a CUDA GPU, else cpu (SGLang's CPU engine, service/engines/sglang_cpu.py)."""
+    if requested != "auto":
+        return requested
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def seed_refusal(s: ResolvedSampling, deterministic: bool) -> InvalidArgument | None:
+    """SGLang samples with `sampling_seed` only under `enable_deterministic_inference` (which needs a GPU attention
+    backend: fa3, flashinfer, triton); otherwise it ignores the seed and the same request gives other text. A seed
+    that would be ignored is refused rather than silently dropped; under greedy decoding it changes nothing."""
+    if s.seed is None or s.greedy or deterministic:
+        return None
+    return InvalidArgument(
+        "sampling.seed",
+        "seed cannot be honoured by this server's sglang engine: SGLang samples reproducibly only with "
+        "--sglang-arg enable_deterministic_inference=true, which needs a GPU attention backend; "
+        "leave seed out, or use temperature 0",
+    )
 
 
 def sampling_params(s: ResolvedSampling, choice: int = 0, grammar: GrammarSpec | None = None) -> dict[str, Any]:
@@ -345,6 +373,8 @@ class SGLangEngine:
         self._counts = _Counts()
         self._token_text: dict[int, tuple[str, bytes]] = {}
         self._tool_format = tool_format(config.tool_parser)
+        self._extra_args = dict(config.sglang_args)
+        self._deterministic = bool(self._extra_args.get("enable_deterministic_inference"))
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -373,6 +403,14 @@ class SGLangEngine:
         self._renderer = PromptRenderer(self._tokenizer, self._tool_format)
         self._defaults = sampling_defaults(_generation_config(path))
         kwargs = engine_kwargs(config, str(path))
+        if resolve_device(config.device) == "cpu":
+            from service.engines import sglang_cpu
+
+            plan = sglang_cpu.plan_for(config, path, self._extra_args)
+            sglang_cpu.apply(plan)
+            kwargs.update(plan.kwargs)
+            log.info("%s", plan.describe())
+        kwargs.update(self._extra_args)
         factory = self._factory
         if factory is None:
             import sglang
@@ -480,6 +518,9 @@ class SGLangEngine:
         validate_request(request, info)
         prompt_ids = self._renderer.token_ids(request.input)
         resolved = resolve(request.sampling, self._defaults, len(prompt_ids), info)
+        refusal = seed_refusal(resolved, self._deterministic)
+        if refusal is not None:
+            raise refusal
         want_logprobs = request.top_logprobs is not None
         grammar = None
         if request.constraint is not None or request.tools:

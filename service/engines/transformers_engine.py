@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+DEFAULT_KV_CACHE_TOKENS = 32768
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -86,6 +87,9 @@ class TransformersEngine:
         config = self._config
         path = Path(config.model) if config.model else ensure_default_model()
         dtype = _DTYPES.get(config.dtype, torch.float32)  # "auto": float32, the fast path on CPUs without bf16 units
+        if config.threads:
+            # Process-wide, so the generation thread started later computes with the same count.
+            torch.set_num_threads(config.threads)
         started = time.monotonic()
         self._tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
@@ -119,7 +123,7 @@ class TransformersEngine:
         )
         cb_config = ContinuousBatchingConfig(
             page_size=page_size,
-            num_blocks=max(1, config.kv_cache_tokens // page_size),
+            num_blocks=max(1, (config.kv_cache_tokens or DEFAULT_KV_CACHE_TOKENS) // page_size),
             max_batch_tokens=config.max_batch_tokens,
             max_requests_per_batch=config.max_running,
             allow_block_sharing=True,

@@ -512,14 +512,17 @@ class FakeSGLangEngine:
         return []
 
 
-async def started(script=None) -> tuple[SGLangEngine, FakeSGLangEngine]:
+async def started(script=None, **settings) -> tuple[SGLangEngine, FakeSGLangEngine]:
     fakes = []
 
     def factory(**kwargs):
         fakes.append(FakeSGLangEngine(script, **kwargs))
         return fakes[0]
 
-    engine = SGLangEngine(ServiceConfig(model=str(MODEL), engine="sglang"), engine_factory=factory)
+    # device="cuda": the stand-in engine needs none of the CPU preparation, which would change this process's
+    # environment (sglang_cpu.apply); that preparation has its own tests.
+    config = ServiceConfig(model=str(MODEL), engine="sglang", device="cuda", **settings)
+    engine = SGLangEngine(config, engine_factory=factory)
     await engine.start()
     fakes[0].calls.clear()
     return engine, fakes[0]
@@ -562,7 +565,7 @@ async def test_n_choices_are_separate_requests_with_their_own_seeds_merged_by_in
             yield s.chunk(f"{i}", [10 + k])
         yield s.chunk(".", [20], {"type": "length", "length": i + 3})
 
-    engine, fake = await started(script)
+    engine, fake = await started(script, sglang_args=(("enable_deterministic_inference", True),))
     request = GenerateRequest(
         request_id="r2", input=TextInput("x"), n=2, sampling=SamplingParams(max_tokens=8, seed=9)
     )
@@ -744,4 +747,20 @@ async def test_tool_calls_are_parsed_out_of_sglangs_text_and_the_grammar_is_sent
         async for _ in engine.generate(bad):
             pass
     assert caught.value.field == "constraint.regex" and len(fake.calls) == 1
+    await engine.stop()
+
+
+@needs_model
+async def test_a_seed_sglang_would_ignore_is_refused_naming_the_field():
+    engine, fake = await started()
+    sampled = GenerateRequest(request_id="s", input=TextInput("x"), sampling=SamplingParams(max_tokens=4, seed=3))
+    with pytest.raises(InvalidArgument) as caught:
+        [o async for o in engine.generate(sampled)]
+    assert caught.value.field == "sampling.seed" and "enable_deterministic_inference" in str(caught.value)
+    assert fake.calls == []
+    # Under greedy decoding the seed changes nothing, so it is accepted.
+    greedy = GenerateRequest(
+        request_id="g", input=TextInput("x"), sampling=SamplingParams(max_tokens=4, seed=3, temperature=0.0)
+    )
+    assert [o async for o in engine.generate(greedy)]
     await engine.stop()
