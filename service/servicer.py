@@ -74,6 +74,7 @@ class GenerateServicer(pb_grpc.GenerateServicer):
         outcome = "ok"
         ttft: float | None = None
         usage: domain.Usage | None = None
+        streamed = 0  # tokens sent so far: what a call that ends early has made the engine generate
         try:
             self._check_auth(context)
             self._check_model(request.model)
@@ -85,6 +86,7 @@ class GenerateServicer(pb_grpc.GenerateServicer):
                     async for output in outputs:
                         now = time.perf_counter()
                         tokens = sum(len(c.token_ids) for c in output.choices)
+                        streamed += tokens
                         if tokens:
                             if ttft is None:
                                 ttft = now - started
@@ -113,13 +115,16 @@ class GenerateServicer(pb_grpc.GenerateServicer):
             self._metrics.e2e.observe(duration)
             if usage is not None:
                 self._metrics.observe_usage(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+            else:
+                # Cancelled or failed: the tokens made before the end still count as generated.
+                self._metrics.generation_tokens.inc(streamed)
             log.info(
                 "generate %s",
                 outcome,
                 extra={
                     "fields": {
                         "prompt_tokens": usage.prompt_tokens if usage else None,
-                        "completion_tokens": usage.completion_tokens if usage else None,
+                        "completion_tokens": usage.completion_tokens if usage else streamed,
                         "cached_tokens": usage.cached_tokens if usage else None,
                         "ttft_ms": round(ttft * 1000, 1) if ttft is not None else None,
                         "duration_ms": round(duration * 1000, 1),
@@ -163,6 +168,12 @@ def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
     return None
 
 
+# The client's deadline runs from when it sent the call, ours from when the call arrived, so a client that gives up
+# at its deadline cancels the call slightly before ours passes (by the network and scheduling delay): a
+# cancellation this close to our deadline is the deadline.
+_DEADLINE_SLACK_S = 0.2
+
+
 def _deadline_passed(context: grpc.aio.ServicerContext) -> bool:
     remaining = context.time_remaining()
-    return remaining is not None and remaining <= 0
+    return remaining is not None and remaining <= _DEADLINE_SLACK_S
