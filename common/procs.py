@@ -8,8 +8,10 @@ process's log.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable
@@ -17,6 +19,21 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def engine_python(engine: str) -> str:
+    """The interpreter that runs a service with this engine: SGLang has an environment of its own (sglang pins its
+    own torch and transformers; `make` builds it as .venv-sglang, CHATSERVE_SGLANG_PYTHON names another), every
+    other engine runs in this one. A missing sglang environment is an error, never a silent fallback."""
+    if engine != "sglang":
+        return sys.executable
+    python = os.environ.get("CHATSERVE_SGLANG_PYTHON") or str(ROOT / ".venv-sglang" / "bin" / "python")
+    if not Path(python).exists():
+        raise RuntimeError(f"the sglang engine's environment is missing ({python}); `make test-sglang` builds it")
+    return python
 
 
 class ProcessExited(RuntimeError):

@@ -13,6 +13,8 @@ import openai
 import pytest
 
 from generate.v1 import generate_pb2_grpc
+from common.procs import scrape
+from tests.helpers.engines import ENGINES, python_for, service_args
 from tests.helpers.procs import ROOT, Proc, spawn, wait_for_file
 
 API_KEY = "sk-test-" + "k" * 24
@@ -25,36 +27,49 @@ class Stack:
     grpc_target: str
     api_key: str
     launcher: Proc | None
+    engine: str = "transformers"
+    # The service's /metrics (None for a stack started elsewhere).
+    metrics_url: str | None = None
 
     def service_log(self) -> str:
         return self.launcher.log() if self.launcher else ""
 
+    def metrics(self) -> dict[str, float]:
+        assert self.metrics_url, "this stack's service metrics are not reachable"
+        return scrape(self.metrics_url)
 
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory) -> Stack:
-    """The whole product, as `make run` starts it (deploy/run_local.py), on ephemeral ports.
 
-    Set CHATSERVE_E2E_BASE_URL, CHATSERVE_E2E_API_KEY and CHATSERVE_E2E_GRPC to run the e2e suite against a
-    stack that is already running instead (deploy/gpu_smoke.sh does this on a GPU host).
+@pytest.fixture(scope="session", params=ENGINES)
+def stack(request, tmp_path_factory) -> Stack:
+    """The whole product, as `make run` starts it (deploy/run_local.py), on ephemeral ports, once per engine in
+    CHATSERVE_TEST_ENGINES: every test that uses it runs against each engine with the same assertions.
+
+    Set CHATSERVE_E2E_BASE_URL, CHATSERVE_E2E_API_KEY, CHATSERVE_E2E_GRPC (and CHATSERVE_E2E_ENGINE) to run the e2e
+    suite against a stack that is already running instead (deploy/gpu_smoke.sh does this on a GPU host).
     """
+    engine = request.param
     if os.environ.get("CHATSERVE_E2E_BASE_URL"):
         yield Stack(
             base_url=os.environ["CHATSERVE_E2E_BASE_URL"].rstrip("/"),
             grpc_target=os.environ["CHATSERVE_E2E_GRPC"],
             api_key=os.environ["CHATSERVE_E2E_API_KEY"],
             launcher=None,
+            engine=os.environ.get("CHATSERVE_E2E_ENGINE", engine),
         )
         return
-    tmp = tmp_path_factory.mktemp("stack")
-    ready = tmp / "ready.json"
+    tmp = tmp_path_factory.mktemp(f"stack-{engine}")
+    ready, metrics_port = tmp / "ready.json", tmp / "metrics.port"
     launcher = spawn(
         [str(ROOT / "deploy" / "run_local.py"), "--gateway-host", "127.0.0.1", "--gateway-port", "0",
-         "--grpc-port", "0", "--ready-file", str(ready)],
+         "--grpc-port", "0", "--ready-file", str(ready), "--",
+         *service_args(engine), "--metrics-port", "0", "--metrics-port-file", str(metrics_port)],
         tmp / "stack.log",
-        {"API_KEYS": API_KEY, "CHATSERVE_METRICS_PORT": "-1", "CHATSERVE_CORS_ORIGINS": CORS_ORIGIN},
+        {"API_KEYS": API_KEY, "CHATSERVE_CORS_ORIGINS": CORS_ORIGIN},
+        python=python_for(engine),
     )
-    info = json.loads(wait_for_file(ready, launcher, timeout=300))
-    yield Stack(info["base_url"], info["grpc_target"], info["api_key"], launcher)
+    info = json.loads(wait_for_file(ready, launcher, timeout=600))
+    metrics_url = f"http://127.0.0.1:{metrics_port.read_text().strip()}/metrics"
+    yield Stack(info["base_url"], info["grpc_target"], info["api_key"], launcher, engine, metrics_url)
     code = launcher.stop()
     assert code == 0, f"the stack did not stop cleanly ({code}):\n{launcher.log()[-3000:]}"
 

@@ -30,9 +30,11 @@ def sse_payloads(response: httpx.Response) -> list:
 
 
 def test_n_choices_stream_one_finish_each(client, model):
+    # min_tokens = max_tokens: each choice runs to its length, so both calls count the same tokens.
+    fixed_length = {"min_tokens": 12}
     stream = client.chat.completions.create(
-        model=model, messages=QUESTION, n=2, max_tokens=12, temperature=1.0, seed=7, stream=True,
-        stream_options={"include_usage": True},
+        model=model, messages=QUESTION, n=2, max_tokens=12, temperature=1.0, stream=True,
+        stream_options={"include_usage": True}, extra_body=fixed_length,
     )
     chunks = list(stream)
     finishes: dict[int, list[str]] = {}
@@ -41,9 +43,11 @@ def test_n_choices_stream_one_finish_each(client, model):
             if choice.finish_reason:
                 finishes.setdefault(choice.index, []).append(choice.finish_reason)
     assert finishes.keys() == {0, 1} and all(len(v) == 1 for v in finishes.values())
-    whole = client.chat.completions.create(model=model, messages=QUESTION, n=2, max_tokens=12, temperature=1.0, seed=7)
+    whole = client.chat.completions.create(
+        model=model, messages=QUESTION, n=2, max_tokens=12, temperature=1.0, extra_body=fixed_length
+    )
     assert [c.index for c in whole.choices] == [0, 1]
-    assert whole.usage.completion_tokens == chunks[-1].usage.completion_tokens
+    assert whole.usage.completion_tokens == chunks[-1].usage.completion_tokens == 24
 
 
 def test_stop_string_is_not_returned(client, model):
@@ -55,12 +59,21 @@ def test_stop_string_is_not_returned(client, model):
     assert stopped.choices[0].finish_reason == "stop"
 
 
-def test_seed_makes_sampling_reproducible(client, model):
-    def sample(seed):
+def test_seed_makes_sampling_reproducible_or_is_refused(stack, client, model):
+    """Honoured, or refused with a 400 naming `seed`: never silently ignored. SGLang samples with a seed only under
+    its deterministic inference mode, which needs a GPU attention backend."""
+
+    def sample(seed, temperature=1.0):
         return client.chat.completions.create(
-            model=model, messages=QUESTION, max_tokens=20, temperature=1.0, seed=seed
+            model=model, messages=QUESTION, max_tokens=20, temperature=temperature, seed=seed
         ).choices[0].message.content
 
+    if stack.engine == "sglang":
+        with pytest.raises(openai.BadRequestError) as caught:
+            sample(1234)
+        assert caught.value.body["param"] == "seed" and "deterministic" in caught.value.body["message"]
+        assert sample(1234, temperature=0) == sample(99, temperature=0)  # greedy: a seed changes nothing
+        return
     assert sample(1234) == sample(1234)
     assert len({sample(s) for s in (1, 2, 3)}) > 1
 

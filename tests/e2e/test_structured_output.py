@@ -133,10 +133,10 @@ def test_json_schema_output_validates(client, model, name):
 @pytest.mark.parametrize("name", ["nested objects", "array of enums"])
 def test_json_schema_output_validates_when_streamed_and_sampled(client, model, name):
     question, schema = SCHEMAS[name]
-    for seed in (1, 2):
+    for _ in range(2):  # two samples (unseeded: not every engine honours a seed, see test_openai_compat)
         content, calls, finish = streamed(
             client, model=model, messages=[{"role": "user", "content": question}], max_tokens=80, temperature=0.8,
-            seed=seed, response_format=json_schema_format(schema),
+            response_format=json_schema_format(schema),
         )
         assert finish == "stop" and not calls
         jsonschema.validate(json.loads(content), schema)

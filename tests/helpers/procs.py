@@ -12,6 +12,7 @@ from pathlib import Path
 
 from common import procs
 from common.procs import scrape, stop_process
+from tests.helpers.engines import python_for, service_args
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,10 +32,12 @@ class Proc:
         return stop_process(self.process, timeout, sig)
 
 
-def spawn(args: list[str], log_path: Path, env: dict[str, str] | None = None) -> Proc:
+def spawn(args: list[str], log_path: Path, env: dict[str, str] | None = None, python: str | None = None) -> Proc:
     log_file = open(log_path, "wb")
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    process = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [python or sys.executable, *args], cwd=ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT
+    )
     return Proc(process, log_path)
 
 
@@ -60,21 +63,26 @@ class Service:
         return scrape(self.metrics_url)
 
 
-def start_service(tmp: Path, *extra: str, name: str = "service", port: int = 0, env: dict[str, str] | None = None) -> Service:
-    """A real `python -m service` on an ephemeral port (or `port`); returns it once SERVING."""
+def start_service(
+    tmp: Path, *extra: str, name: str = "service", port: int = 0, env: dict[str, str] | None = None,
+    engine: str | None = None, timeout: float = 180,
+) -> Service:
+    """A real `python -m service` on an ephemeral port (or `port`); returns it once SERVING. `engine` runs that
+    engine in its own environment (tests/helpers/engines.py); None leaves the service's default."""
     port_file, metrics_file = tmp / f"{name}.port", tmp / f"{name}.metrics"
     port_file.unlink(missing_ok=True)
     metrics_file.unlink(missing_ok=True)
     proc = spawn(
         ["-m", "service", "--port", str(port), "--port-file", str(port_file), "--metrics-port", "0",
-         "--metrics-port-file", str(metrics_file), *extra],
+         "--metrics-port-file", str(metrics_file), *(service_args(engine) if engine else ()), *extra],
         tmp / f"{name}.log",
         env,
+        python_for(engine) if engine else None,
     )
-    bound = wait_for_file(port_file, proc)
+    bound = wait_for_file(port_file, proc, timeout)
     target = f"127.0.0.1:{bound}"
-    metrics_port = wait_for_file(metrics_file, proc)
-    wait_serving(target, proc)
+    metrics_port = wait_for_file(metrics_file, proc, timeout)
+    wait_serving(target, proc, timeout)
     return Service(proc, target, f"http://127.0.0.1:{metrics_port}/metrics")
 
 

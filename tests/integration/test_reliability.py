@@ -1,5 +1,6 @@
 """Reliability with real processes on real sockets and the real model: cancellation, deadlines, overload,
-graceful shutdown, engine failure, service restarts, key rotation and service tokens."""
+graceful shutdown, engine failure, service restarts, key rotation and service tokens. Deadlines and the
+service's SIGTERM drain run on every engine in tests/e2e/test_engine_lifecycle.py."""
 
 from __future__ import annotations
 
@@ -75,19 +76,6 @@ async def test_cancellation_storm_leaves_nothing_running(shared):
     assert reply.choices[0].message.content and time.monotonic() - started < 10
 
 
-def test_grpc_deadline_aborts_the_generation(shared):
-    service, _ = shared
-    aborted = service.metrics().get('chatserve_aborted_requests_total{reason="deadline"}', 0)
-    with grpc.insecure_channel(service.target) as channel:
-        stub = generate_pb2_grpc.GenerateStub(channel)
-        request = pb.GenerateRequest(input=pb.Input(text="Once upon a time"), sampling=pb.SamplingParams(max_tokens=500))
-        with pytest.raises(grpc.RpcError) as caught:
-            list(stub.Generate(request, timeout=0.5))
-        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    wait_until(lambda: idle(service), 10, 0.1, "engine freed after the deadline")
-    assert service.metrics()['chatserve_aborted_requests_total{reason="deadline"}'] == aborted + 1
-
-
 def test_overload_is_429_with_retry_after(tmp_path):
     service = start_service(tmp_path, "--max-inflight", "1", "--max-queue", "0")
     gateway, base = start_gateway(tmp_path, service.target, keys=KEY)
@@ -109,38 +97,6 @@ def test_overload_is_429_with_retry_after(tmp_path):
         assert body["error"]["code"] == "server_overloaded"
         wait_until(lambda: idle(service), 10)
         assert sdk(base).chat.completions.create(model=model, messages=PROMPT, max_tokens=2).choices
-    finally:
-        gateway.stop()
-        service.proc.stop()
-
-
-def test_sigterm_drains_streams_and_refuses_new_calls(tmp_path):
-    service = start_service(tmp_path)
-    gateway, base = start_gateway(tmp_path, service.target, keys=KEY)
-    try:
-        model = model_of(base)
-        client = sdk(base)
-        streams = [
-            client.chat.completions.create(model=model, messages=PROMPT, max_tokens=40, stream=True, temperature=0)
-            for _ in range(3)
-        ]
-        firsts = [next(s) for s in streams]  # every stream is under way
-        assert all(f.choices[0].delta.role == "assistant" for f in firsts)
-        service.proc.process.send_signal(signal.SIGTERM)
-        with grpc.insecure_channel(service.target) as channel:
-            stub = generate_pb2_grpc.GenerateStub(channel)
-            with pytest.raises(grpc.RpcError) as refused:
-                list(stub.Generate(pb.GenerateRequest(input=pb.Input(text="hi")), timeout=5))
-            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-        finishes = []
-        for stream in streams:
-            chunks = list(stream)
-            finishes.append(chunks[-1].choices[0].finish_reason)
-        assert finishes == ["length"] * 3
-        assert service.proc.process.wait(30) == 0
-        with pytest.raises(openai.APIStatusError) as caught:
-            client.chat.completions.create(model=model, messages=PROMPT, max_tokens=2)
-        assert caught.value.status_code == 503
     finally:
         gateway.stop()
         service.proc.stop()

@@ -1,0 +1,23 @@
+"""Which engines the e2e suite runs against, and the Python environment each one's service runs in.
+
+`make test` sets CHATSERVE_TEST_ENGINES=transformers,sglang: the same e2e tests then run once per engine. The
+SGLang engine runs in its own environment (sglang pins a torch and transformers of its own), named by
+CHATSERVE_SGLANG_PYTHON; the tests themselves and the gateway run in the main one.
+"""
+
+from __future__ import annotations
+
+import os
+
+from common.procs import engine_python
+
+ENGINES = [e.strip() for e in os.environ.get("CHATSERVE_TEST_ENGINES", "transformers").split(",") if e.strip()]
+
+
+def python_for(engine: str) -> str:
+    """The interpreter that runs this engine's service; a missing sglang environment fails, it never skips."""
+    return engine_python(engine)
+
+
+def service_args(engine: str) -> list[str]:
+    return ["--engine", engine]
