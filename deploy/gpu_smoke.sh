@@ -52,9 +52,11 @@ wait_for_file() {
 }
 
 "$PYTHON" -m service --engine sglang --model "$MODEL" --host 127.0.0.1 --port 0 \
-    --port-file "$WORK/grpc.port" --metrics-port -1 "$@" >"$WORK/service.log" 2>&1 &
+    --port-file "$WORK/grpc.port" --metrics-port 0 --metrics-port-file "$WORK/metrics.port" "$@" \
+    >"$WORK/service.log" 2>&1 &
 SERVICE_PID=$!
 GRPC_TARGET="127.0.0.1:$(wait_for_file "$WORK/grpc.port" "$SERVICE_PID" service)"
+METRICS_URL="http://127.0.0.1:$(wait_for_file "$WORK/metrics.port" "$SERVICE_PID" service)/metrics"
 
 # The service binds at once and answers health NOT_SERVING until the engine has loaded and warmed up.
 "$PYTHON" - "$GRPC_TARGET" "$SERVICE_PID" "$READY_TIMEOUT_S" <<'EOF' || fail "the service never turned SERVING"
@@ -89,6 +91,9 @@ done
 echo "gateway ready at $BASE_URL"
 
 export CHATSERVE_E2E_BASE_URL="$BASE_URL" CHATSERVE_E2E_API_KEY="$API_KEY" CHATSERVE_E2E_GRPC="$GRPC_TARGET"
+export CHATSERVE_E2E_METRICS_URL="$METRICS_URL" CHATSERVE_E2E_ENGINE=sglang
+# The tests that start services of their own (the SIGTERM drain) start SGLang ones, in this same environment.
+export CHATSERVE_TEST_ENGINES=sglang CHATSERVE_SGLANG_PYTHON="$(command -v "$PYTHON")"
 if [ "${RUN_E2E:-1}" = 1 ]; then
     "$PYTHON" -m pytest -q tests/e2e || fail "the e2e suite failed against the SGLang stack"
 fi

@@ -44,8 +44,9 @@ def stack(request, tmp_path_factory) -> Stack:
     """The whole product, as `make run` starts it (deploy/run_local.py), on ephemeral ports, once per engine in
     CHATSERVE_TEST_ENGINES: every test that uses it runs against each engine with the same assertions.
 
-    Set CHATSERVE_E2E_BASE_URL, CHATSERVE_E2E_API_KEY, CHATSERVE_E2E_GRPC (and CHATSERVE_E2E_ENGINE) to run the e2e
-    suite against a stack that is already running instead (deploy/gpu_smoke.sh does this on a GPU host).
+    Set CHATSERVE_E2E_BASE_URL, CHATSERVE_E2E_API_KEY, CHATSERVE_E2E_GRPC, CHATSERVE_E2E_METRICS_URL (the service's)
+    and CHATSERVE_E2E_ENGINE to run the e2e suite against a stack that is already running instead
+    (deploy/gpu_smoke.sh does this on a GPU host).
     """
     engine = request.param
     if os.environ.get("CHATSERVE_E2E_BASE_URL"):
@@ -55,6 +56,7 @@ def stack(request, tmp_path_factory) -> Stack:
             api_key=os.environ["CHATSERVE_E2E_API_KEY"],
             launcher=None,
             engine=os.environ.get("CHATSERVE_E2E_ENGINE", engine),
+            metrics_url=os.environ.get("CHATSERVE_E2E_METRICS_URL"),
         )
         return
     tmp = tmp_path_factory.mktemp(f"stack-{engine}")

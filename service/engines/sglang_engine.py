@@ -416,7 +416,8 @@ class SGLangEngine:
             import sglang
 
             factory = sglang.Engine
-        self._engine = factory(**kwargs)
+        with _keeping_root_logging(kwargs["log_level"]):
+            self._engine = factory(**kwargs)
         manager = self._engine.tokenizer_manager
         # SGLang's own view of the window (config override, or what the model supports).
         context_length = int(manager.context_len)
@@ -690,6 +691,21 @@ def _generation_config(path: Path) -> Any:
         return GenerationConfig.from_pretrained(path)
     except OSError:  # no generation_config.json: the model sets no sampling defaults
         return GenerationConfig()
+
+
+@contextlib.contextmanager
+def _keeping_root_logging(sglang_level: str) -> Iterator[None]:
+    """SGLang's engine reconfigures the root logger (`logging.basicConfig(force=True)` at its own level), which would
+    drop the service's handlers (JSON lines, request ids) and its INFO lines for the rest of the process. Keep ours;
+    SGLang's level applies to its own loggers."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        logging.getLogger("sglang").setLevel(sglang_level.upper())
 
 
 @contextlib.contextmanager

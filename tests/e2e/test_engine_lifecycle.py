@@ -75,6 +75,9 @@ def test_sigterm_drains_streams_and_refuses_new_calls(tmp_path, engine):
         firsts = [next(s) for s in streams]  # every stream is under way
         assert all(f.choices[0].delta.role == "assistant" for f in firsts)
         service.proc.process.send_signal(signal.SIGTERM)
+        # A call sent before the service has taken the signal is a call like any other; from then on (it logs
+        # that it is shutting down) new calls are refused.
+        wait_until(lambda: "shutting down" in service.proc.log(), 10, 0.05, "the service took SIGTERM")
         with grpc.insecure_channel(service.target) as channel:
             stub = generate_pb2_grpc.GenerateStub(channel)
             with pytest.raises(grpc.RpcError) as refused:
