@@ -87,14 +87,15 @@ class Service:
 
 
 def start_service(workdir: Path, service_args: list[str], name: str = "service", timeout: float = 300,
-                  env: dict[str, str] | None = None, module: str = "service") -> Service:
-    """`module` lets an experiment start the service through a shim (bench.variants); `env` adds variables."""
+                  env: dict[str, str] | None = None, module: str = "service", python: str | None = None) -> Service:
+    """`module` lets an experiment start the service through a shim (bench.variants); `env` adds variables;
+    `python` runs it in another environment (the sglang engine's)."""
     port_file, metrics_file = workdir / f"{name}.port", workdir / f"{name}.metrics"
     for f in (port_file, metrics_file):
         f.unlink(missing_ok=True)
     proc = spawn(
         name,
-        [sys.executable, "-m", module, "--port", "0", "--port-file", str(port_file), "--metrics-port", "0",
+        [python or sys.executable, "-m", module, "--port", "0", "--port-file", str(port_file), "--metrics-port", "0",
          "--metrics-port-file", str(metrics_file), *service_args],
         workdir,
         env,

@@ -27,7 +27,7 @@ class Variant:
 
 @dataclass(frozen=True)
 class EngineSpec:
-    kind: str = "synthetic"  # synthetic | transformers
+    kind: str = "synthetic"  # synthetic | transformers | sglang
     # synthetic engine
     tokens_per_s: float = 50.0
     total_tokens_per_s: float = 0.0
@@ -52,6 +52,10 @@ class EngineSpec:
             return ["--engine", "synthetic", "--synthetic-tokens-per-s", f"{self.tokens_per_s:g}",
                     "--synthetic-total-tokens-per-s", f"{self.total_tokens_per_s:g}", "--synthetic-ttft", f"{self.ttft_s:g}",
                     "--synthetic-tokens-per-step", str(self.tokens_per_step)]
+        if self.kind == "sglang":
+            # SGLang's own CPU settings (service/engines/sglang_cpu.py): dtype from the CPU's bf16 units unless set.
+            return ["--engine", "sglang", "--model", self.model_path(), "--dtype", self.dtype,
+                    "--kv-cache-tokens", str(self.kv_cache_tokens)]
         return ["--engine", self.kind, "--model", self.model_path(), "--dtype", self.dtype,
                 "--page-size", str(self.page_size), "--kv-cache-tokens", str(self.kv_cache_tokens),
                 "--max-batch-tokens", str(self.max_batch_tokens)]
@@ -73,7 +77,12 @@ class EngineSpec:
             ttft = f", first token after {self.ttft_s * 1000:g} ms" if self.ttft_s else ""
             step = f", {self.tokens_per_step} tokens per step" if self.tokens_per_step > 1 else ""
             return f"synthetic engine ({per} tokens/s per stream{total}{ttft}{step})"
-        return f"{self.kind} engine, {Path(self.model_path()).name}, {self.dtype}, CPU"
+        dtype = self.dtype
+        if self.kind == "sglang" and dtype == "auto":
+            from service.engines.sglang_cpu import cpu_dtype, cpu_flags
+
+            dtype = f"auto: {cpu_dtype('auto', cpu_flags())}"
+        return f"{self.kind} engine, {Path(self.model_path()).name}, {dtype}, CPU"
 
 
 @dataclass
@@ -117,8 +126,11 @@ async def _start(stack: Stack, spec: EngineSpec, names: list[str], workdir: Path
     workdir.mkdir(parents=True, exist_ok=True)
     if {"gateway", "grpc"} & set(names):
         log(f"starting the service ({spec.describe()})")
+        from common.procs import engine_python
+
         stack.service = procs.start_service(workdir, spec.service_args(), env=variant.service_env,
-                                            module=variant.service_module)
+                                            module=variant.service_module, python=engine_python(spec.kind),
+                                            timeout=600)
         stack.startup_s["service"] = stack.service.ready_s
         model = await _served_model(stack.service.target)
     if "gateway" in names:
@@ -130,7 +142,10 @@ async def _start(stack: Stack, spec: EngineSpec, names: list[str], workdir: Path
                                              extras=True, pids=pids)
     if "grpc" in names:
         stack.targets["grpc"] = GrpcTarget(stack.service.target, model, {"service": stack.service.proc.pid})
-    if "inprocess" in names:
+    if "inprocess" in names and spec.kind == "sglang":
+        # sglang lives in an environment of its own, not this process's.
+        stack.skipped["inprocess"] = "the sglang engine runs in its own environment, not in the harness's process"
+    elif "inprocess" in names:
         from service.engines import create_engine
 
         stack.targets["inprocess"] = InProcessTarget(create_engine(spec.service_config()))

@@ -4,6 +4,7 @@
 2. the real model (SmolLM2 on the CPU): gateway / in-process / `transformers serve` at 1, 8, 32 (and with
    `--with-64`, gateway / in-process at 64);
 3. prefix caching: half the requests share a 1,000-token system prompt, half have a cold one of the same length;
+   then scenarios 2 and 3 through SGLang's CPU engine, and both engines side by side in one table;
 4. the ceiling: the synthetic engine at rising rates across 256 streams, and with 4 tokens per message;
 5. start-up with the model prepared.
 
@@ -31,7 +32,7 @@ PREFIX_RATIO = 1 / 3
 STARTUP_S = 15.0
 
 
-async def suite(quick: bool, out, log=print, with_64: bool = False) -> str:
+async def suite(quick: bool, out, log=print, with_64: bool = False, skip_sglang: bool = False) -> str:
     started = time.monotonic()
     sections: list[str] = []
     verdicts: list[str] = []
@@ -75,13 +76,28 @@ async def suite(quick: bool, out, log=print, with_64: bool = False) -> str:
         verdicts += _overhead_verdicts(model64, "real model")
 
     # 3. A shared 1,000-token system prompt against a cold one (one stream, so the two kinds never overlap).
+    prefix_workload = Workload(Dist(32, 32), Dist(8, 8), shared_prefix_tokens=1000, shared_prefix_ratio=0.5)
     prefix = await benchmark(
-        real, Workload(Dist(32, 32), Dist(8, 8), shared_prefix_tokens=1000, shared_prefix_ratio=0.5),
-        ["gateway", "peer"], [1], duration_s=12 if q else 25, warmup_s=0, rounds=1, out=out / "prefix",
-        title="Shared 1,000-token system prompt vs a cold one", log=log,
+        real, prefix_workload, ["gateway", "peer"], [1], duration_s=12 if q else 25, warmup_s=0, rounds=1,
+        out=out / "prefix", title="Shared 1,000-token system prompt vs a cold one", log=log,
     )
     sections.append((out / "prefix" / "results.md").read_text())
     verdicts += _prefix_verdicts(prefix)
+
+    # 3b. Our other engine, SGLang's CPU engine, through the same stack on the same workloads (its dtype from the
+    # CPU's bf16 units), then both engines in one table.
+    if not skip_sglang:
+        sg = EngineSpec(kind="sglang", dtype="auto")
+        sg_model = await benchmark(
+            sg, Workload(Dist(64, 64), Dist(24, 40)), ["gateway"], levels, duration_s=6 if q else 10, warmup_s=0,
+            rounds=1 if q else 2, out=out / "real-model-sglang", title="SmolLM2-135M-Instruct on SGLang's CPU engine",
+            log=log, duration_per_stream_s=0.3 if q else 0.45,
+        )
+        sg_prefix = await benchmark(
+            sg, prefix_workload, ["gateway"], [1], duration_s=12 if q else 25, warmup_s=0, rounds=1,
+            out=out / "prefix-sglang", title="SGLang engine: shared 1,000-token system prompt vs a cold one", log=log,
+        )
+        sections.append(_engines_table(model, sg_model, prefix, sg_prefix, real.describe(), sg.describe()))
 
     # 4. The stack's own ceiling, then the same rates with 4 tokens per message: what coalescing would save.
     rates = [5000, 20000] if q else [5000, 10000, 20000, 40000]
@@ -122,6 +138,35 @@ async def suite(quick: bool, out, log=print, with_64: bool = False) -> str:
     log(report)
     log(f"wrote {out / 'REPORT.md'}")
     return report
+
+
+def _engines_table(tf: dict, sg: dict, tf_prefix: dict, sg_prefix: dict, tf_name: str, sg_name: str) -> str:
+    """Both engines through the gateway on the same workloads: TTFT p50/p99, ITL p50, tokens/s, and the ratio."""
+
+    def cell(s: dict | None) -> str:
+        if s is None or s["ttft_ms"]["p50"] is None:
+            return "–"
+        itl = s["itl_ms"]["p50"]
+        return (f"{s['ttft_ms']['p50']:.0f} / {s['ttft_ms']['p99']:.0f} ms, ITL {itl:.0f} ms, "
+                f"{s['tokens_per_s']:.1f} tok/s" if itl is not None else f"{s['ttft_ms']['p50']:.0f} ms")
+
+    a, b = _by(tf), _by(sg)
+    rows = ["### Both engines through the gateway", "",
+            f"transformers: {tf_name}; sglang: {sg_name}. Cells: TTFT p50 / p99, ITL p50, tokens/s.", "",
+            "| scenario | transformers | sglang | sglang / transformers tokens/s |", "|---|---|---|---:|"]
+    for conc in sorted({c for _, c in a} | {c for _, c in b}):
+        x, y = a.get(("gateway", conc)), b.get(("gateway", conc))
+        ratio = f"{y['tokens_per_s'] / x['tokens_per_s']:.2f}" if x and y and x["tokens_per_s"] else "–"
+        rows.append(f"| {conc} stream(s) | {cell(x)} | {cell(y)} | {ratio} |")
+    pa, pb = _by(tf_prefix).get(("gateway", 1)), _by(sg_prefix).get(("gateway", 1))
+
+    def prefix_cell(s: dict | None) -> str:
+        if s is None or s["ttft_shared_p50_ms"] is None or s["ttft_cold_p50_ms"] is None:
+            return "–"
+        return f"{s['ttft_shared_p50_ms']:.0f} ms shared vs {s['ttft_cold_p50_ms']:.0f} ms cold"
+
+    rows.append(f"| shared 1,000-token prefix, 1 stream, TTFT p50 | {prefix_cell(pa)} | {prefix_cell(pb)} | |")
+    return "\n".join(rows) + "\n"
 
 
 def _mark(ok: bool | None) -> str:
@@ -192,8 +237,10 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.suite", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="shorter windows, fewer levels and rates")
     p.add_argument("--with-64", action="store_true", help="also the real model at 64 streams, gateway vs in-process")
+    p.add_argument("--skip-sglang", action="store_true", help="leave out the SGLang engine (needs .venv-sglang)")
     a = p.parse_args(argv)
-    asyncio.run(suite(a.quick, out_dir("suite-quick" if a.quick else "suite"), with_64=a.with_64))
+    asyncio.run(suite(a.quick, out_dir("suite-quick" if a.quick else "suite"), with_64=a.with_64,
+                      skip_sglang=a.skip_sglang))
 
 
 if __name__ == "__main__":
