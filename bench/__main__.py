@@ -25,13 +25,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
-    g.add_argument("--engine", choices=["synthetic", "transformers"], default="synthetic",
-                   help="synthetic: the benchmark-only engine (the stack's own cost); transformers: the real model on the CPU")
+    g.add_argument("--engine", choices=["synthetic", "transformers", "sglang"], default="synthetic",
+                   help="synthetic: the benchmark-only engine (the stack's own cost); transformers: the real model on "
+                   "the CPU; sglang: the real model on SGLang's engine (its own environment, CHATSERVE_SGLANG_PYTHON)")
     g.add_argument("--synthetic-tokens-per-s", type=float, default=50.0, help="per stream (0: no per-stream limit)")
     g.add_argument("--synthetic-total-tokens-per-s", type=float, default=0.0, help="shared by all streams (0: none)")
     g.add_argument("--synthetic-ttft", type=float, default=0.0, help="seconds before the first token")
     g.add_argument("--model", default=None, help="model folder (default: the prepared SmolLM2-135M-Instruct)")
-    g.add_argument("--dtype", default="float32")
+    g.add_argument("--dtype", default="float32", help="weights (auto: the engine's choice; SGLang on CPU: bf16 where the CPU has bf16 units)")
 
 
 def engine_spec(a: argparse.Namespace) -> EngineSpec:

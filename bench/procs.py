@@ -44,14 +44,30 @@ class Proc:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and all its threads so far."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    # The command name (field 2) may hold spaces; the fields after its closing parenthesis are fixed.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    """User + system CPU time of a process, all its threads and its live child processes so far (SGLang's engine
+    computes in its scheduler, a child of the service)."""
+    total = 0.0
+    for p in (pid, *_descendants(pid)):
+        try:
+            stat = Path(f"/proc/{p}/stat").read_text()
+        except OSError:
+            continue
+        # The command name (field 2) may hold spaces; the fields after its closing parenthesis are fixed.
+        fields = stat[stat.rindex(")") + 2 :].split()
+        total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return total
+
+
+def _descendants(pid: int) -> list[int]:
+    out: list[int] = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            kids = [int(c) for c in children.read_text().split()]
+        except OSError:
+            continue
+        for kid in kids:
+            out += [kid, *_descendants(kid)]
+    return out
 
 
 def spawn(name: str, argv: list[str], workdir: Path, env: dict[str, str] | None = None) -> Proc:
