@@ -8,9 +8,11 @@ STAMP := $(VENV)/.layered-on
 SGLANG_STAMP := $(SGLANG_VENV)/.layered-on
 GATEWAY_PORT ?= 8000
 GRPC_PORT ?= 50051
+METRICS_PORT ?= 9090
 # The engine `make run` serves with: transformers (the CPU default) or sglang (SGLang's CPU engine here, CUDA on GPUs).
 ENGINE ?= transformers
 SERVICE_ARGS ?=
+GATEWAY_ARGS ?=
 
 .PHONY: run test test-fast test-unit test-sglang bench proto check-proto model clean
 
@@ -36,7 +38,8 @@ RUN_PY := $(PY)
 endif
 
 run: $(STAMP) model $(RUN_DEPS)
-	$(RUN_PY) deploy/run_local.py --gateway-port $(GATEWAY_PORT) --grpc-port $(GRPC_PORT) -- --engine $(ENGINE) $(SERVICE_ARGS)
+	$(RUN_PY) deploy/run_local.py --gateway-port $(GATEWAY_PORT) --grpc-port $(GRPC_PORT) \
+		--gateway-args '$(GATEWAY_ARGS)' -- --engine $(ENGINE) --metrics-port $(METRICS_PORT) $(SERVICE_ARGS)
 
 # pytest exits 5 when it collects no test: for this suite that is a broken run, never a pass.
 PYTEST_RC = rc=$$?; if [ $$rc -eq 5 ]; then echo "make: pytest collected no tests; failing" >&2; exit 1; fi; [ $$rc -eq 0 ] || exit $$rc

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import secrets
+import shlex
 import signal
 import socket
 import subprocess
@@ -33,15 +34,37 @@ def _public_address() -> str:
         return "127.0.0.1"
 
 
+def _port_taken(host: str, port: int) -> str | None:
+    """Why `host:port` cannot be listened on (None: it can, or port 0 picks a free one)."""
+    if port == 0:
+        return None
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp binds: TIME_WAIT is no conflict
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            return e.strerror or str(e)
+    return None
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--gateway-port", type=int, default=int(os.environ.get("CHATSERVE_PORT", 8000)))
     p.add_argument("--gateway-host", default=os.environ.get("CHATSERVE_HOST", "0.0.0.0"))
     p.add_argument("--grpc-port", type=int, default=int(os.environ.get("CHATSERVE_GRPC_PORT", 50051)))
     p.add_argument("--grpc-host", default=os.environ.get("CHATSERVE_GRPC_HOST", "127.0.0.1"))
+    p.add_argument("--gateway-args", default="", help="extra flags for the gateway, as one string (make run GATEWAY_ARGS=...)")
     p.add_argument("--ready-file", help="write the base URL, gRPC target and API key here (JSON) once ready")
     p.add_argument("service_args", nargs="*", help="extra flags for the service (after --), e.g. -- --model /models/x")
     args = p.parse_args()
+
+    # The gateway starts only once the model has loaded: find a taken gateway port now, not minutes later. (The
+    # service checks its own gRPC and metrics ports before it loads the model.)
+    busy = _port_taken(args.gateway_host, args.gateway_port)
+    if busy:
+        print(f"port {args.gateway_port} on {args.gateway_host} is in use ({busy}): the gateway's HTTP port; "
+              f"choose another with GATEWAY_PORT=... (make run) or --gateway-port", file=sys.stderr)
+        return 1
 
     api_keys = os.environ.get("API_KEYS", "").strip()
     if not api_keys:
@@ -74,7 +97,7 @@ def main() -> int:
         wait_serving(grpc_target, service, "service", READY_TIMEOUT_S, interval=0.2)
         gateway = subprocess.Popen(
             [python, "-m", "gateway", "--host", args.gateway_host, "--port", str(args.gateway_port),
-             "--port-file", str(gateway_port_file), "--backend", grpc_target],
+             "--port-file", str(gateway_port_file), "--backend", grpc_target, *shlex.split(args.gateway_args)],
             env=env,
         )
         http_port = int(wait_for_file(gateway_port_file, gateway, "gateway", 60, interval=0.1))

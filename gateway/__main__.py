@@ -34,7 +34,15 @@ async def run(config: GatewayConfig) -> int:
     )
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as e:
+        log.error(
+            "cannot listen on %s:%d (%s): another process may hold the port; choose another with --port "
+            "(CHATSERVE_PORT; make run GATEWAY_PORT=...)", config.host, config.port, e.strerror or e,
+        )
+        await runner.cleanup()
+        return 1
     port = runner.addresses[0][1]
     if config.port_file:
         Path(config.port_file).write_text(str(port))

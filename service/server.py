@@ -71,8 +71,11 @@ async def serve(config: ServiceConfig, engine: Engine | None = None) -> ExitCode
     )
     try:
         port = server.add_insecure_port(f"{config.host}:{config.port}")
-    except RuntimeError as e:
-        log.error("cannot bind %s:%s: %s", config.host, config.port, e)
+    except RuntimeError:
+        log.error(
+            "cannot listen for gRPC on %s:%d: another process may hold the port; choose another with --port "
+            "(CHATSERVE_GRPC_PORT; make run GRPC_PORT=...)", config.host, config.port,
+        )
         return ExitCode.STARTUP_FAILED
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
@@ -80,7 +83,17 @@ async def serve(config: ServiceConfig, engine: Engine | None = None) -> ExitCode
     if config.port_file:
         Path(config.port_file).write_text(str(port))
     if config.metrics_port is not None:
-        http_server, _ = start_http_server(config.metrics_port, addr=config.metrics_host, registry=metrics.registry)
+        try:
+            http_server, _ = start_http_server(config.metrics_port, addr=config.metrics_host, registry=metrics.registry)
+        except OSError as e:
+            # Checked before the model loads, so a second copy fails in a second, with one line.
+            log.error(
+                "cannot serve metrics on %s:%d (%s): another process may hold the port; choose another with "
+                "--metrics-port (CHATSERVE_METRICS_PORT; make run METRICS_PORT=...), or -1 for none",
+                config.metrics_host, config.metrics_port, e.strerror or e,
+            )
+            await server.stop(0)
+            return ExitCode.STARTUP_FAILED
         log.info("metrics on http://%s:%d/metrics", config.metrics_host, http_server.server_port)
         if config.metrics_port_file:
             Path(config.metrics_port_file).write_text(str(http_server.server_port))
