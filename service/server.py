@@ -16,7 +16,7 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from prometheus_client import start_http_server
 
 from generate.v1 import generate_pb2, generate_pb2_grpc
@@ -66,7 +66,7 @@ async def serve(config: ServiceConfig, engine: Engine | None = None) -> ExitCode
         server,
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
+    _enable_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
     try:
@@ -150,6 +150,26 @@ async def serve(config: ServiceConfig, engine: Engine | None = None) -> ExitCode
     await engine.stop()
     log.info("stopped")
     return ExitCode.OK
+
+
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _enable_reflection(services: tuple[str, ...], server: grpc.aio.Server) -> None:
+    """Server reflection as `grpc.reflection.v1` (what current grpcurl and Postman ask for first) and `v1alpha`.
+
+    grpcio-reflection ships only v1alpha; v1 is the same service with the same messages under another package name
+    (the two protos are wire-identical), so the same servicer answers both."""
+    servicer = reflection.aio.ReflectionServicer((*services, REFLECTION_V1))
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": handler}),)
+    )
 
 
 async def _set_health(servicer: health.aio.HealthServicer, status: int) -> None:

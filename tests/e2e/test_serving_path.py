@@ -112,6 +112,15 @@ def test_grpc_stream_health_and_reflection(stack, grpc_stub, model):
         replies = list(reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
         names = {s.name for s in replies[0].list_services_response.service}
         assert {"generate.v1.Generate", "grpc.health.v1.Health"} <= names
+        # grpc.reflection.v1, which current grpcurl asks for first: the same messages under another package.
+        v1 = channel.stream_stream(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        asked = reflection_pb2.ServerReflectionRequest(file_containing_symbol="generate.v1.Generate")
+        (described,) = list(v1(iter([asked]), timeout=10))
+        assert described.file_descriptor_response.file_descriptor_proto
 
 
 def test_grpc_unknown_model_is_not_found(grpc_stub):
