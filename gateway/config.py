@@ -7,9 +7,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
-
-def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(f"CHATSERVE_{name}", default)
+from common import flags
 
 
 @dataclass(frozen=True)
@@ -60,32 +58,40 @@ def _split(value: str | None) -> tuple[str, ...]:
     return tuple(v.strip() for v in (value or "").split(",") if v.strip())
 
 
-def parse_args(argv: list[str] | None = None) -> GatewayConfig:
+def build_parser() -> argparse.ArgumentParser:
     d = GatewayConfig()
     p = argparse.ArgumentParser(
         prog="python -m gateway",
-        description="OpenAI-compatible HTTP gateway in front of the gRPC Generate service. "
-        "Flags default to CHATSERVE_* environment variables; API keys come from API_KEYS.",
+        description="OpenAI-compatible HTTP gateway in front of the gRPC Generate service.\n"
+        "Each flag's default can be set with the environment variable in [brackets], named after the flag; API keys "
+        "come from API_KEYS (comma-separated) and/or --api-keys-file.",
+        formatter_class=flags.Formatter,
     )
-    p.add_argument("--host", default=_env("HOST", d.host))
-    p.add_argument("--port", type=int, default=int(_env("PORT", str(d.port))), help="HTTP port; 0 picks a free one")
-    p.add_argument("--port-file", default=_env("GATEWAY_PORT_FILE"), help="write the bound port to this file")
-    p.add_argument("--backend", default=_env("BACKEND", d.backend), help="the gRPC service: host:port, a comma-separated list, or dns:///name:port (every address of the name)")
-    p.add_argument("--routing", choices=["prefix", "round_robin", "least_loaded"], default=_env("ROUTING", d.routing), help="how requests are spread over replicas")
-    p.add_argument("--routing-load-factor", type=float, default=float(_env("ROUTING_LOAD_FACTOR", str(d.routing_load_factor))))
-    p.add_argument("--api-keys-file", default=_env("API_KEYS_FILE"), help="file with one API key per line")
-    p.add_argument("--rpm-per-key", type=int, default=int(_env("RPM_PER_KEY", "0")), help="requests per minute per key (0: unlimited)")
-    p.add_argument("--tpm-per-key", type=int, default=int(_env("TPM_PER_KEY", "0")), help="prompt+completion tokens per minute per key (0: unlimited)")
-    p.add_argument("--allow-no-auth", action="store_true", default=_env("ALLOW_NO_AUTH", "") in ("1", "true"), help="serve without API keys (development only)")
-    p.add_argument("--backend-token-file", default=_env("BACKEND_TOKEN_FILE"), help="token the gRPC service requires")
-    p.add_argument("--request-timeout", type=float, default=float(_env("REQUEST_TIMEOUT_S", str(d.request_timeout_s))))
-    p.add_argument("--max-body-bytes", type=int, default=int(_env("MAX_BODY_BYTES", str(d.max_body_bytes))))
-    p.add_argument("--cors-origins", default=_env("CORS_ORIGINS", ""), help="comma-separated origins allowed to call from browsers ('*' for any)")
-    p.add_argument("--protect-health", action="store_true", default=_env("PROTECT_HEALTH", "") in ("1", "true"), help="require an API key for /health")
-    p.add_argument("--protect-metrics", action="store_true", default=_env("PROTECT_METRICS", "") in ("1", "true"), help="require an API key for /metrics")
-    p.add_argument("--shutdown-grace", type=float, default=float(_env("SHUTDOWN_GRACE_S", str(d.shutdown_grace_s))))
-    p.add_argument("--log-level", default=_env("LOG_LEVEL", d.log_level))
-    p.add_argument("--log-json", action="store_true", default=_env("LOG_JSON", "") in ("1", "true"))
+    add = flags.add
+    add(p, "--host", default=d.host, help="address to listen on for HTTP")
+    add(p, "--port", type=int, default=d.port, help="HTTP port; 0 picks a free one")
+    add(p, "--gateway-port-file", "--port-file", dest="port_file", help="write the bound HTTP port to this file once listening")
+    add(p, "--backend", default=d.backend, help="the gRPC service: host:port, a comma-separated list, or dns:///name:port (every address of the name)")
+    add(p, "--routing", choices=["prefix", "round_robin", "least_loaded"], default=d.routing, help="how requests are spread over replicas")
+    add(p, "--routing-load-factor", type=float, default=d.routing_load_factor, help="prefix routing passes over a replica carrying more than this multiple of the average load")
+    add(p, "--api-keys-file", help="file with one API key per line, optionally followed by limits (rpm=, tpm=); reloaded on change and SIGHUP")
+    add(p, "--rpm-per-key", type=int, default=d.rpm_per_key, help="requests per minute per key (0: unlimited)")
+    add(p, "--tpm-per-key", type=int, default=d.tpm_per_key, help="prompt+completion tokens per minute per key (0: unlimited)")
+    add(p, "--allow-no-auth", action="store_true", default=False, help="serve without API keys (development only)")
+    add(p, "--backend-token-file", help="token the gRPC service requires (the file's content; CHATSERVE_BACKEND_TOKEN also sets it)")
+    add(p, "--request-timeout", type=float, default=d.request_timeout_s, old_env="REQUEST_TIMEOUT_S", help="seconds a whole call, stream included, may take before the gateway gives up (its gRPC deadline)")
+    add(p, "--max-body-bytes", type=int, default=d.max_body_bytes, help="largest request body in bytes; larger gets 413")
+    add(p, "--cors-origins", default="", help="comma-separated origins allowed to call from browsers ('*' for any)")
+    add(p, "--protect-health", action="store_true", default=False, help="require an API key for /health")
+    add(p, "--protect-metrics", action="store_true", default=False, help="require an API key for /metrics")
+    add(p, "--shutdown-grace", type=float, default=d.shutdown_grace_s, old_env="SHUTDOWN_GRACE_S", help="seconds open streams get to finish on SIGTERM")
+    add(p, "--log-level", default=d.log_level, help="DEBUG, INFO, WARNING or ERROR")
+    add(p, "--log-json", action="store_true", default=False, help="one JSON object per log line")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> GatewayConfig:
+    p = build_parser()
     a = p.parse_args(argv)
     backend_token = os.environ.get("CHATSERVE_BACKEND_TOKEN") or None
     if a.backend_token_file:

@@ -8,21 +8,8 @@ import json
 import os
 from dataclasses import dataclass
 
+from common import flags
 from service.engines.tool_calls import FORMATS
-
-
-def _env(name: str, default: str | None) -> str | None:
-    return os.environ.get(f"CHATSERVE_{name}", default)
-
-
-def _env_int(name: str, default: int | None) -> int | None:
-    value = _env(name, None)
-    return int(value) if value not in (None, "") else default
-
-
-def _env_float(name: str, default: float) -> float:
-    value = _env(name, None)
-    return float(value) if value not in (None, "") else default
 
 
 @dataclass(frozen=True)
@@ -114,71 +101,77 @@ def _sglang_arg(text: str) -> tuple[str, object]:
         return key, value
 
 
-def parse_args(argv: list[str] | None = None) -> ServiceConfig:
+def build_parser() -> argparse.ArgumentParser:
     d = ServiceConfig()
     p = argparse.ArgumentParser(
         prog="python -m service",
-        description="The gRPC generation service (generate.v1.Generate). Flags default to CHATSERVE_* environment variables.",
+        description="The gRPC generation service (generate.v1.Generate).\n"
+        "Each flag's default can be set with the environment variable in [brackets], named after the flag.",
+        formatter_class=flags.Formatter,
     )
-    p.add_argument("--host", default=_env("GRPC_HOST", d.host), help="address to bind (CHATSERVE_GRPC_HOST)")
-    p.add_argument("--port", type=int, default=_env_int("GRPC_PORT", d.port), help="gRPC port; 0 picks a free one")
-    p.add_argument("--port-file", default=_env("PORT_FILE", None), help="write the bound port to this file")
-    p.add_argument(
-        "--engine",
-        choices=["auto", "transformers", "sglang", "synthetic"],
-        default=_env("ENGINE", d.engine),
+    add = flags.add
+    add(p, "--grpc-host", "--host", dest="host", default=d.host, help="address to listen on for gRPC")
+    add(p, "--grpc-port", "--port", dest="port", type=int, default=d.port, help="gRPC port; 0 picks a free one")
+    add(p, "--port-file", help="write the bound gRPC port to this file once listening")
+    add(p, "--engine", choices=["auto", "transformers", "sglang", "synthetic"], default=d.engine,
         help="auto: sglang with a CUDA GPU and the sglang package, else transformers on the CPU; "
-        "synthetic: no model, tokens at a set rate, for benchmarking the serving stack only (never the default)",
-    )
-    p.add_argument("--model", default=_env("MODEL", None), help="local Hugging Face model folder (default: SmolLM2-135M-Instruct, embedded)")
-    p.add_argument("--served-model-name", default=_env("SERVED_MODEL_NAME", None), help="the name clients use (default: the model folder's name)")
-    p.add_argument("--context-length", type=int, default=_env_int("CONTEXT_LENGTH", None), help="override the model's context window")
-    p.add_argument("--max-output-tokens", type=int, default=_env_int("MAX_OUTPUT_TOKENS", d.max_output_tokens))
-    p.add_argument("--dtype", default=_env("DTYPE", d.dtype), help="auto, float32, bfloat16 or float16")
-    p.add_argument(
-        "--tool-parser",
-        choices=sorted(FORMATS),
-        default=_env("TOOL_PARSER", d.tool_parser),
+        "synthetic: no model, tokens at a set rate, for benchmarking the serving stack only (never the default)")
+    add(p, "--model", help="local Hugging Face model folder (default: SmolLM2-135M-Instruct, embedded: tiny, English)")
+    add(p, "--served-model-name", help="the name clients use (default: the model folder's name)")
+    add(p, "--context-length", type=int, help="override the model's context window, in tokens")
+    add(p, "--max-output-tokens", type=int, default=d.max_output_tokens, help="most tokens one answer may have")
+    add(p, "--dtype", default=d.dtype, help="weights: auto, float32, bfloat16 or float16 (auto: float32 on CPUs, "
+        "or bfloat16 for SGLang where the CPU has bf16 units; the model's own on GPUs)")
+    add(p, "--tool-parser", choices=sorted(FORMATS), default=d.tool_parser,
         help="the model's tool-call syntax: hermes is <tool_call>{...}</tool_call> (Hermes, Qwen2.5, Qwen3, and the "
-        "default model, which is prompted with it) (CHATSERVE_TOOL_PARSER)",
-    )
-    p.add_argument("--threads", type=int, default=_env_int("THREADS", None), help="compute threads of the CPU engines (default: one per core this process may use) (CHATSERVE_THREADS)")
-    p.add_argument("--kv-cache-tokens", type=int, default=_env_int("KV_CACHE_TOKENS", None), help="KV cache size in tokens (default: transformers 32768; sglang on CPU: 10%% of the memory available at start, 4096-65536; sglang on GPU: from --mem-fraction-static) (CHATSERVE_KV_CACHE_TOKENS)")
+        "default model, which is prompted with it)")
+    add(p, "--threads", type=int, help="compute threads of the CPU engines (default: one per core this process may "
+        "use; on a machine shared with other busy processes, fewer is faster)")
+    add(p, "--kv-cache-tokens", type=int, help="KV cache size in tokens (default: transformers 32768; sglang on CPU: "
+        "10%% of the memory available at start, 4096-65536; sglang on GPU: from --mem-fraction-static)")
     g = p.add_argument_group("transformers engine")
-    g.add_argument("--page-size", type=int, default=_env_int("PAGE_SIZE", d.page_size), help="tokens per KV cache page (prefix sharing works in whole pages)")
-    g.add_argument("--max-batch-tokens", type=int, default=_env_int("MAX_BATCH_TOKENS", d.max_batch_tokens), help="tokens per forward pass (chunked prefill size)")
-    g.add_argument("--max-running", type=int, default=_env_int("MAX_RUNNING", d.max_running), help="sequences per batch")
+    add(g, "--page-size", type=int, default=d.page_size, help="tokens per KV cache page (prefix sharing works in whole pages)")
+    add(g, "--max-batch-tokens", type=int, default=d.max_batch_tokens, help="tokens per forward pass (chunked prefill size)")
+    add(g, "--max-running", type=int, default=d.max_running, help="sequences per batch")
     g = p.add_argument_group("sglang engine")
-    g.add_argument("--device", choices=["auto", "cuda", "cpu"], default=_env("DEVICE", d.device), help="auto: cuda when a CUDA GPU is visible, else cpu (SGLang's CPU engine, see README) (CHATSERVE_DEVICE)")
-    g.add_argument("--sglang-arg", dest="sglang_args", action="append", type=_sglang_arg, default=[], metavar="KEY=VALUE", help="any other sglang ServerArgs field, e.g. --sglang-arg enable_deterministic_inference=true (repeatable; values read as JSON where they parse)")
-    g.add_argument("--tp-size", type=int, default=_env_int("TP_SIZE", d.tp_size), help="tensor parallel size (GPUs per replica, over all its nodes)")
-    g.add_argument("--nnodes", type=int, default=_env_int("NNODES", d.nnodes), help="nodes one replica spans (multi-node tensor parallelism)")
-    g.add_argument("--node-rank", type=int, default=_env_int("NODE_RANK", d.node_rank), help="this node's rank; the service serves on rank 0")
-    g.add_argument("--dist-init-addr", default=_env("DIST_INIT_ADDR", None), help="host:port of rank 0 for multi-node setup")
-    g.add_argument("--mem-fraction-static", type=float, default=_env_float("MEM_FRACTION_STATIC", 0) or None)
-    g.add_argument("--chunked-prefill-size", type=int, default=_env_int("CHUNKED_PREFILL_SIZE", None))
-    g.add_argument("--max-running-requests", type=int, default=_env_int("MAX_RUNNING_REQUESTS", None))
-    g.add_argument("--schedule-policy", default=_env("SCHEDULE_POLICY", d.schedule_policy), help="lpm (longest prefix match, favours RadixAttention hits) or fcfs")
-    g.add_argument("--quantization", default=_env("QUANTIZATION", None), help="e.g. fp8, awq, gptq")
+    add(g, "--device", choices=["auto", "cuda", "cpu"], default=d.device,
+        help="auto: cuda when a CUDA GPU is visible, else cpu (SGLang's CPU engine, see README)")
+    add(g, "--sglang-arg", dest="sglang_args", action="append", type=_sglang_arg, default=[], metavar="KEY=VALUE",
+        env=False, help="any other sglang ServerArgs field, e.g. --sglang-arg enable_deterministic_inference=true "
+        "(repeatable; values read as JSON where they parse)")
+    add(g, "--tp-size", type=int, default=d.tp_size, help="tensor parallel size (GPUs per replica, over all its nodes)")
+    add(g, "--nnodes", type=int, default=d.nnodes, help="nodes one replica spans (multi-node tensor parallelism)")
+    add(g, "--node-rank", type=int, default=d.node_rank, help="this node's rank; the service serves on rank 0")
+    add(g, "--dist-init-addr", help="host:port of rank 0 for multi-node setup")
+    add(g, "--mem-fraction-static", type=float, help="share of GPU memory for weights and KV cache (SGLang's default)")
+    add(g, "--chunked-prefill-size", type=int, help="tokens per prefill chunk (SGLang's default)")
+    add(g, "--max-running-requests", type=int, help="requests per batch (SGLang's default)")
+    add(g, "--schedule-policy", default=d.schedule_policy, help="lpm (longest prefix match, favours RadixAttention hits) or fcfs")
+    add(g, "--quantization", help="e.g. fp8, awq, gptq")
     g = p.add_argument_group("synthetic engine (benchmarks only: emits placeholder tokens, never serves a model)")
-    g.add_argument("--synthetic-tokens-per-s", type=float, default=_env_float("SYNTHETIC_TOKENS_PER_S", d.synthetic_tokens_per_s), help="tokens per second per stream; 0: no per-stream limit (then set the total)")
-    g.add_argument("--synthetic-total-tokens-per-s", type=float, default=_env_float("SYNTHETIC_TOTAL_TOKENS_PER_S", d.synthetic_total_tokens_per_s), help="tokens per second shared by all streams (0: no shared cap), e.g. 20000 across 256 streams")
-    g.add_argument("--synthetic-ttft", type=float, default=_env_float("SYNTHETIC_TTFT_S", d.synthetic_ttft_s), help="seconds before a request's first token (a stand-in for prefill)")
-    g.add_argument("--synthetic-tokens-per-step", type=int, default=_env_int("SYNTHETIC_TOKENS_PER_STEP", d.synthetic_tokens_per_step), help="tokens per stream per step, i.e. per output message (1: one token a message)")
+    add(g, "--synthetic-tokens-per-s", type=float, default=d.synthetic_tokens_per_s, help="tokens per second per stream; 0: no per-stream limit (then set the total)")
+    add(g, "--synthetic-total-tokens-per-s", type=float, default=d.synthetic_total_tokens_per_s, help="tokens per second shared by all streams (0: no shared cap), e.g. 20000 across 256 streams")
+    add(g, "--synthetic-ttft", type=float, default=d.synthetic_ttft_s, old_env="SYNTHETIC_TTFT_S", help="seconds before a request's first token (a stand-in for prefill)")
+    add(g, "--synthetic-tokens-per-step", type=int, default=d.synthetic_tokens_per_step, help="tokens per stream per step, i.e. per output message (1: one token a message)")
     g = p.add_argument_group("admission and shutdown")
-    g.add_argument("--max-inflight", type=int, default=_env_int("MAX_INFLIGHT", d.max_inflight), help="generations admitted at once")
-    g.add_argument("--max-queue", type=int, default=_env_int("MAX_QUEUE", d.max_queue), help="generations that may wait for admission")
-    g.add_argument("--stream-interval-ms", type=float, default=_env_float("STREAM_INTERVAL_MS", d.stream_interval_ms), help="under load, the least time between two messages of a stream (0: send every token at once)")
-    g.add_argument("--coalesce-min-streams", type=int, default=_env_int("COALESCE_MIN_STREAMS", d.coalesce_min_streams), help="streams in flight from which --stream-interval-ms applies")
-    g.add_argument("--shutdown-grace", type=float, default=_env_float("SHUTDOWN_GRACE_S", d.shutdown_grace_s), help="seconds in-flight generations get to finish on SIGTERM")
+    add(g, "--max-inflight", type=int, default=d.max_inflight, help="generations admitted at once")
+    add(g, "--max-queue", type=int, default=d.max_queue, help="generations that may wait for admission; beyond, RESOURCE_EXHAUSTED (HTTP 429)")
+    add(g, "--stream-interval-ms", type=float, default=d.stream_interval_ms, help="under load, the least time in milliseconds between two messages of a stream (0: send every token at once)")
+    add(g, "--coalesce-min-streams", type=int, default=d.coalesce_min_streams, help="streams in flight from which --stream-interval-ms applies")
+    add(g, "--shutdown-grace", type=float, default=d.shutdown_grace_s, old_env="SHUTDOWN_GRACE_S", help="seconds in-flight generations get to finish on SIGTERM")
     g = p.add_argument_group("operations")
-    g.add_argument("--metrics-port", type=int, default=_env_int("METRICS_PORT", d.metrics_port), help="Prometheus /metrics port; -1 disables")
-    g.add_argument("--metrics-host", default=_env("METRICS_HOST", d.metrics_host))
-    g.add_argument("--metrics-port-file", default=_env("METRICS_PORT_FILE", None), help="write the bound metrics port to this file")
-    g.add_argument("--auth-token-file", default=_env("AUTH_TOKEN_FILE", None), help="require this bearer token (file content) in call metadata")
-    g.add_argument("--log-level", default=_env("LOG_LEVEL", d.log_level))
-    g.add_argument("--log-json", action="store_true", default=_env("LOG_JSON", "") in ("1", "true"))
-    g.add_argument("--enable-fault-injection", action="store_true", help=argparse.SUPPRESS)
+    add(g, "--metrics-port", type=int, default=d.metrics_port, help="Prometheus /metrics port; 0 picks a free one, -1 disables")
+    add(g, "--metrics-host", default=d.metrics_host, help="address the metrics port listens on")
+    add(g, "--metrics-port-file", help="write the bound metrics port to this file")
+    add(g, "--auth-token-file", help="require this bearer token (the file's content) in every call's metadata (CHATSERVE_AUTH_TOKEN also sets it)")
+    add(g, "--log-level", default=d.log_level, help="DEBUG, INFO, WARNING or ERROR")
+    add(g, "--log-json", action="store_true", default=False, help="one JSON object per log line")
+    add(g, "--enable-fault-injection", action="store_true", default=False, env=False, help=argparse.SUPPRESS)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> ServiceConfig:
+    p = build_parser()
     a = p.parse_args(argv)
     auth_token = os.environ.get("CHATSERVE_AUTH_TOKEN") or None
     if a.auth_token_file:

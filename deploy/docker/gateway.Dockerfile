@@ -38,5 +38,5 @@ WORKDIR /home/chatserve
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "/usr/local/bin/chatserve-healthcheck", "http"]
-# Python is PID 1 and handles SIGTERM itself: open streams get CHATSERVE_SHUTDOWN_GRACE_S (30 s) to finish.
+# Python is PID 1 and handles SIGTERM itself: open streams get CHATSERVE_SHUTDOWN_GRACE (30 s) to finish.
 ENTRYPOINT ["python", "-m", "gateway"]

@@ -58,5 +58,5 @@ EXPOSE 50051 9090
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "/usr/local/bin/chatserve-healthcheck", "grpc"]
 # Python is PID 1 and handles SIGTERM itself: NOT_SERVING at once, then in-flight generations get
-# CHATSERVE_SHUTDOWN_GRACE_S (30 s) to finish. Exit 3 means the engine died: restart the container.
+# CHATSERVE_SHUTDOWN_GRACE (30 s) to finish. Exit 3 means the engine died: restart the container.
 ENTRYPOINT ["python", "-m", "service"]

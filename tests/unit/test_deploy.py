@@ -283,7 +283,7 @@ def test_termination_grace_covers_prestop_and_drain(overlay):
     for deployment, name in ((SERVICE_DEPLOYMENT, "service"), (GATEWAY_DEPLOYMENT, "gateway")):
         spec = pod_spec(objects, deployment)
         c = container(objects, deployment, name)
-        grace = float(env_of(c).get("CHATSERVE_SHUTDOWN_GRACE_S", ServiceConfig().shutdown_grace_s))
+        grace = float(env_of(c).get("CHATSERVE_SHUTDOWN_GRACE", ServiceConfig().shutdown_grace_s))
         sleep = prestop_sleep_s(c)
         # The preStop sleep lets endpoints and DNS drop the pod before SIGTERM starts the drain.
         assert sleep >= 3
@@ -648,7 +648,13 @@ def test_dockerignore_keeps_environments_and_git_out_of_the_context():
 
 
 def _variables_the_code_reads() -> set[str]:
+    from gateway.config import build_parser as gateway_parser
+    from service.config import build_parser as service_parser
+
     names = set()
+    for parser in (service_parser(), gateway_parser()):  # each flag's variable, named in its help
+        for action in parser._actions:
+            names |= set(re.findall(r"\[(CHATSERVE_[A-Z0-9_]+)\]", action.help or ""))
     for path in [*ROOT.joinpath("service").rglob("*.py"), *ROOT.joinpath("gateway").rglob("*.py"), *ROOT.joinpath("common").rglob("*.py")]:
         text = path.read_text()
         names |= {"CHATSERVE_" + n for n in re.findall(r"_env(?:_int|_float)?\(\s*\"([A-Z0-9_]+)\"", text)}
@@ -682,7 +688,7 @@ def _variables_the_deployment_sets() -> dict[str, set[str]]:
 def test_every_chatserve_variable_set_is_one_the_code_reads():
     """A misspelt or renamed variable is otherwise ignored without a word, and the default silently applies."""
     known = _variables_the_code_reads()
-    assert {"CHATSERVE_GRPC_HOST", "CHATSERVE_SHUTDOWN_GRACE_S", "CHATSERVE_API_KEYS_FILE", "CHATSERVE_CACHE_DIR"} <= known
+    assert {"CHATSERVE_GRPC_HOST", "CHATSERVE_SHUTDOWN_GRACE", "CHATSERVE_API_KEYS_FILE", "CHATSERVE_CACHE_DIR"} <= known
     unknown = {name: where for name, where in _variables_the_deployment_sets().items() if name not in known}
     assert not unknown, f"set by the deployment but read by no code: {unknown}"
 
