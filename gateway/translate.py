@@ -66,7 +66,7 @@ def _finite(value: float | None, param: str) -> float | None:
 
 def sampling_to_proto(req: SamplingFields, max_tokens: int | None, max_tokens_param: str) -> pb.SamplingParams:
     s = pb.SamplingParams()
-    if (value := _uint(max_tokens, max_tokens_param)) is not None:
+    if (value := _uint(max_tokens, max_tokens_param, minimum=1)) is not None:
         s.max_tokens = value
     if (value := _uint(req.min_tokens, "min_tokens")) is not None:
         s.min_tokens = value
@@ -154,7 +154,7 @@ def chat_to_proto(req: ChatCompletionRequest, request_id: str) -> Translated:
         model=req.model,
         input=pb.Input(chat=chat),
         sampling=sampling_to_proto(req, max_tokens, max_param),
-        n=_uint(req.n, "n") or 0,
+        n=_uint(req.n, "n", minimum=1) or 0,
     )
     if req.top_logprobs is not None and not req.logprobs:
         raise BadRequest("logprobs must be true when top_logprobs is set", param="top_logprobs")
@@ -169,7 +169,7 @@ def chat_to_proto(req: ChatCompletionRequest, request_id: str) -> Translated:
 def completion_to_proto(req: CompletionRequest, request_id: str) -> Translated:
     """One GenerateRequest per prompt: a string, a list of strings, a list of token ids, or a list of those."""
     prompts = _prompts(req.prompt)
-    n = _uint(req.n, "n") or 1
+    n = _uint(req.n, "n", minimum=1) or 1
     if req.best_of is not None and req.best_of != n:
         raise BadRequest("best_of is supported only equal to n; this server returns every choice it generates", param="best_of")
     if req.echo and req.logprobs is not None:
@@ -249,8 +249,8 @@ class _ChunkEncoder:
     object = ""
 
     def __init__(self, completion_id: str, created: int, model: str, include_usage: bool) -> None:
-        head = {"id": completion_id, "object": self.object, "created": created, "model": model,
-                "system_fingerprint": None}
+        # No system_fingerprint: OpenAI's schema wants a string or nothing, and no backend fingerprint exists here.
+        head = {"id": completion_id, "object": self.object, "created": created, "model": model}
         self._head = _dumps(head)[:-1] + ',"choices":['
         self.include_usage = include_usage
         self._tail = '],"usage":null}' if include_usage else "]}"
@@ -280,7 +280,7 @@ class ChatChunkEncoder(_ChunkEncoder):
         for c in response.choices:
             index = offset + c.index
             if c.logprobs:
-                logprobs = {"content": [logprob_entry(lp) for lp in c.logprobs]}
+                logprobs = {"content": [logprob_entry(lp) for lp in c.logprobs], "refusal": None}
                 out.append(self._chunk({"index": index, "delta": {"content": c.text}, "logprobs": logprobs,
                                         "finish_reason": None}))
             elif c.text:
@@ -290,11 +290,18 @@ class ChatChunkEncoder(_ChunkEncoder):
             if c.tool_calls:
                 # As OpenAI streams them: a call's first delta holds its id, type and name, later ones only
                 # further fragments of its arguments.
-                calls = [
-                    {"index": t.index, "id": t.id, "type": "function", "function": {"name": t.name, "arguments": t.arguments}}
-                    if t.id else {"index": t.index, "function": {"arguments": t.arguments}}
-                    for t in c.tool_calls
-                ]
+                # One entry per call in a chunk: a message may hold a call's head and its first argument fragments as
+                # separate deltas, and clients that read delta.tool_calls[0] would lose the second.
+                by_index: dict[int, dict] = {}
+                for t in c.tool_calls:
+                    entry = by_index.get(t.index)
+                    if entry is None:
+                        entry = by_index[t.index] = (
+                            {"index": t.index, "id": t.id, "type": "function", "function": {"name": t.name, "arguments": ""}}
+                            if t.id else {"index": t.index, "function": {"arguments": ""}}
+                        )
+                    entry["function"]["arguments"] += t.arguments
+                calls = list(by_index.values())
                 out.append(self._chunk({"index": index, "delta": {"tool_calls": calls}, "logprobs": None,
                                         "finish_reason": None}))
             if c.finish_reason:
@@ -333,12 +340,11 @@ class ChatAccumulator:
             "object": "chat.completion",
             "created": created,
             "model": model,
-            "system_fingerprint": None,
             "choices": [
                 {
                     "index": i,
                     "message": self._message(i, "".join(parts)),
-                    "logprobs": {"content": self._logprobs[i]} if self._logprobs is not None else None,
+                    "logprobs": {"content": self._logprobs[i], "refusal": None} if self._logprobs is not None else None,
                     "finish_reason": self._finish[i] or "stop",
                 }
                 for i, parts in enumerate(self._text)
@@ -448,7 +454,6 @@ class CompletionAccumulator:
             "object": "text_completion",
             "created": created,
             "model": model,
-            "system_fingerprint": None,
             "choices": [
                 {
                     "index": i,

@@ -99,12 +99,17 @@ def test_stop_logit_bias_seed_and_extras():
         ({"temperature": float("nan")}, "temperature"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"n": -1}, "n"),
+        ({"n": 0}, "n"),  # OpenAI: at least 1, not "unset"
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_completion_tokens": -1}, "max_completion_tokens"),
     ],
 )
 def test_refusals_name_the_field(fields, param):
     with pytest.raises(BadRequest) as caught:
         chat_to_proto(body(**fields), "rid")
     assert caught.value.param == param
+    if param.startswith("max_"):
+        assert "at least 1" in caught.value.message  # the same bound as the service's, whatever the value
 
 
 def test_logprobs_request():
@@ -217,8 +222,9 @@ def test_tool_call_chunks_stream_as_openai_streams_them():
     ))]
     deltas = [(c["choices"][0]["delta"], c["choices"][0]["finish_reason"]) for c in chunks]
     assert deltas == [
-        ({"tool_calls": [{"index": 0, "id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": ""}},
-                         {"index": 0, "function": {"arguments": '{"ci'}}]}, None),
+        # One entry per index in a chunk: the head and the first fragment of the arguments together.
+        ({"tool_calls": [{"index": 0, "id": "call_a", "type": "function",
+                          "function": {"name": "get_weather", "arguments": '{"ci'}}]}, None),
         ({"tool_calls": [{"index": 0, "function": {"arguments": 'ty": "Oslo"}'}}]}, None),
         ({}, "tool_calls"),
     ]
@@ -239,3 +245,16 @@ def test_accumulator_answers_tool_calls_with_null_content():
         {"id": "call_b", "type": "function", "function": {"name": "g", "arguments": '{"x": 1}'}},
     ]
     assert second["message"] == {"role": "assistant", "content": "plain", "refusal": None}
+
+
+def test_chat_responses_carry_what_openais_schema_requires():
+    """choices[].logprobs needs `refusal` beside `content`; system_fingerprint is a string or absent, never null."""
+    accumulator = ChatAccumulator(1, logprobs=True)
+    lp = pb.TokenLogprob(token="a", logprob=-0.5)
+    accumulator.add(response(pb.ChoiceDelta(index=0, text="a", logprobs=[lp], finish_reason=pb.FINISH_REASON_STOP)))
+    whole = accumulator.response("c", 1, "m", None)
+    assert "system_fingerprint" not in whole
+    assert whole["choices"][0]["logprobs"]["refusal"] is None and whole["choices"][0]["logprobs"]["content"]
+    encoder = ChatChunkEncoder("c", 1, "m", include_usage=False)
+    (chunk,) = [json.loads(c) for c in encoder.encode(response(pb.ChoiceDelta(index=0, text="a", logprobs=[lp])))]
+    assert "system_fingerprint" not in chunk and chunk["choices"][0]["logprobs"]["refusal"] is None
