@@ -191,6 +191,10 @@ def _tool_grammar(
 ) -> str:
     fmt = tool_format(fmt_name)
     callable_tools = [t for t in tools if choice.mode != "function" or t.name == choice.function]
+    if choice.mode == "function":
+        # A named function is one call of it, as OpenAI answers it: otherwise a small model tends to open a second
+        # call of the same function and spend the rest of its budget on it.
+        parallel = False
     tags = [
         {
             "type": "tag",

@@ -162,9 +162,11 @@ class HermesParser:
             # Whitespace after the calls is the model's line ending, not an answer.
             if not (self._calls and not buf.strip()):
                 out.text = buf
-        elif self._mode in ("head", "raw"):
-            # A call that never completed (or named no offered tool): it was text after all.
+        elif self._mode == "raw":
+            # A call naming no offered tool: the model's text, not a call.
             out.text = self._START + buf
+        # In "head" the output ended inside a call's opening (cut by max_tokens): an incomplete trailing call is
+        # dropped, never shown as text (tool-call markup in `content` breaks the clients that bound the tools).
         # In "args" the output was cut short mid-arguments; in "tail" the call was complete. Nothing to add.
         self._mode = "text"
         return out

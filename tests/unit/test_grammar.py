@@ -102,7 +102,8 @@ WRONG_ARGS = '<tool_call>\n{"name": "get_time", "arguments": {"city": "UTC"}}\n<
     [
         (chat_request(choice=ToolChoice("required")), [ONE, TWO, TIME_CALL], [WRONG_ARGS, "Hello", '{"a": 1}', "Hi " + ONE]),
         (chat_request(choice=ToolChoice("required"), parallel=False), [ONE, TIME_CALL], [TWO, "Hello"]),
-        (chat_request(choice=ToolChoice("function", "get_time")), [TIME_CALL], [ONE, "Hello"]),
+        # A named function is one call of it, even with parallel calls allowed.
+        (chat_request(choice=ToolChoice("function", "get_time")), [TIME_CALL], [ONE, "Hello", TIME_CALL + "\n" + TIME_CALL]),
         (chat_request(), ["Hello there", "Sure. " + ONE, TWO, '{"a": 1}'], [WRONG_ARGS, "Sure. " + WRONG_ARGS]),
         (chat_request(constraint=Constraint("json_object")), ['{"a": 1}', ONE, TWO], ["Hello", "Sure. " + ONE]),
     ],

@@ -80,9 +80,10 @@ RECORDED = {
         "Use <tools> or a <tool_call tag; 3 < 4 and <b>bold</b>.\n",
         [],
     ),
-    "an unfinished call is text": (
+    # Cut by max_tokens inside the call's opening: dropped, never tool-call markup in the content.
+    "an unfinished call is dropped": (
         "Checking.\n<tool_call>\n{\"name\": \"get_wea",
-        "Checking.<tool_call>\n{\"name\": \"get_wea",
+        "Checking.",
         [],
     ),
 }
@@ -153,6 +154,14 @@ def test_text_that_might_open_a_call_is_held_back_until_decided():
 def test_a_call_cut_short_in_its_arguments_keeps_what_was_streamed():
     text, calls, _ = run(['<tool_call>\n{"name": "get_weather", "arguments": {"location": "Par'])
     assert text == "" and calls[0]["name"] == "get_weather" and calls[0]["arguments"] == '{"location": "Par'
+
+
+def test_a_call_cut_short_in_its_opening_is_dropped_not_shown_as_text():
+    """max_tokens ending inside a second call's opening: no tool-call markup may reach the content."""
+    first = RECORDED["one call"][0]
+    for cut in ("\n<tool_call>", '\n<tool_call>\n{"name":', '\n<tool_call>\n{"name": "get_wea'):
+        text, calls, _ = run([first + cut])
+        assert text == "" and [c["name"] for c in calls] == ["get_weather"], cut
 
 
 def test_whitespace_after_the_calls_is_not_content():
