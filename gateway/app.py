@@ -161,10 +161,12 @@ async def _front_door(request: web.Request, handler) -> web.StreamResponse:
         return response
     except ApiError as e:
         status = e.status
+        request["error"] = e
         return error_response(e)
     except web.HTTPException as e:
         error = _from_http_exception(e, request)
         status = error.status
+        request["error"] = error
         return error_response(error)
     except asyncio.CancelledError:
         status = 499  # the client closed the connection
@@ -180,6 +182,7 @@ async def _front_door(request: web.Request, handler) -> web.StreamResponse:
         metrics.requests.labels(route_label, str(status), key).inc()
         metrics.latency.labels(route_label).observe(duration)
         usage = request.get("usage")
+        error = request.get("error")
         log.info(
             "%s %s %d",
             request.method,
@@ -187,6 +190,9 @@ async def _front_door(request: web.Request, handler) -> web.StreamResponse:
             status,
             extra={
                 "fields": {
+                    # Why a request was refused: the error's code and the field at fault (never its message,
+                    # which may quote what the client sent).
+                    **({"error": error.code or error.type, "param": error.param} if error is not None else {}),
                     "duration_ms": round(duration * 1000, 1),
                     "ttfb_ms": round(request["ttfb"] * 1000, 1) if "ttfb" in request else None,
                     "key": key,

@@ -14,7 +14,7 @@ from service.server import serve
 def main(argv: list[str] | None = None) -> None:
     config = parse_args(argv)
     setup_logging(config.log_level, config.log_json)
-    logging.getLogger(__name__).info("starting with %s", config.redacted() or "the default settings")
+    logging.getLogger("service").info("starting with %s", config.redacted() or "the default settings")
     sys.exit(int(asyncio.run(serve(config))))
 
 

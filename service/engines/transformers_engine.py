@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 import xgrammar as xgr
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers.utils import logging as hf_logging
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.generation.continuous_batching.requests import RequestStatus
 
@@ -91,6 +92,8 @@ class TransformersEngine:
             # Process-wide, so the generation thread started later computes with the same count.
             torch.set_num_threads(config.threads)
         started = time.monotonic()
+        # The weight-loading progress bar is for a terminal, not for a service log (one line below says it all).
+        hf_logging.disable_progress_bar()
         self._tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
         model.eval()
