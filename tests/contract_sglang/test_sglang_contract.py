@@ -95,6 +95,20 @@ def test_engine_kwargs_are_server_args(config):
     CacheAwarePolicy(args.schedule_policy) if args.schedule_policy != "fcfs" else None
 
 
+def test_the_cpu_settings_are_server_args():
+    """What the service adds for SGLang on a CPU (service/engines/sglang_cpu.py) is accepted by ServerArgs as given."""
+    from service.engines.sglang_cpu import cpu_plan
+
+    plan = cpu_plan(model_config={"num_hidden_layers": 2, "num_attention_heads": 2, "hidden_size": 8},
+                    dtype="auto", threads=1, kv_tokens=None, extra_args={}, flags=frozenset({"avx512_bf16"}),
+                    available_bytes=1 << 30, stand_in=True)
+    kwargs = {**engine_kwargs(ServiceConfig(model=str(MODEL))), **plan.kwargs}
+    args = ServerArgs(**kwargs)
+    for key, value in plan.kwargs.items():
+        assert getattr(args, key) == value, key
+    assert args.constrained_json_disable_any_whitespace is True
+
+
 def test_server_args_refuse_unknown_keys():
     with pytest.raises(TypeError):
         ServerArgs(model_path=str(MODEL), seed=1)
@@ -493,7 +507,10 @@ async def test_generate_through_sglangs_own_stream_code(tokenizer):
 
     fakes = []
     engine = SGLangEngine(
-        ServiceConfig(model=str(MODEL), engine="sglang"),
+        # cuda: the simulated engine needs none of the CPU preparation; the seed is honoured only in SGLang's
+        # deterministic mode (otherwise refused, see test_a_seed_sglang_would_ignore_is_refused_naming_the_field).
+        ServiceConfig(model=str(MODEL), engine="sglang", device="cuda",
+                      sglang_args=(("enable_deterministic_inference", True),)),
         engine_factory=lambda **kw: fakes.append(SimulatedEngine(script, **kw)) or fakes[-1],
     )
     await engine.start()
@@ -622,7 +639,7 @@ async def test_tool_calls_through_sglangs_own_stream_code(tokenizer):
 
     fakes = []
     engine = SGLangEngine(
-        ServiceConfig(model=str(MODEL), engine="sglang"),
+        ServiceConfig(model=str(MODEL), engine="sglang", device="cuda"),
         engine_factory=lambda **kw: fakes.append(SimulatedEngine(script, **kw)) or fakes[-1],
     )
     await engine.start()
