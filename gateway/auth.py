@@ -49,12 +49,15 @@ def parse_key_line(line: str, default: KeyLimits) -> tuple[str, KeyLimits] | Non
         return None
     key, *options = line.split()
     values = {"rpm": default.rpm, "tpm": default.tpm}
-    for option in options:
+    for number, option in enumerate(options, start=2):
         name, _, value = option.partition("=")
         if name in values and value.isdigit():
             values[name] = int(value)
         else:
-            log.error("ignoring unknown option %r on an API key line (%s)", name, mask(key))
+            # Never the option's text: a line holding two keys (an easy mistake) would put the second in the log.
+            log.error(
+                "ignoring word %d on the API key line of %s: not rpm=N or tpm=N (one key per line)", number, mask(key)
+            )
     return key, KeyLimits(**values)
 
 

@@ -1,5 +1,7 @@
 """API keys (masking, files, constant-time check) and per-key token buckets."""
 
+import logging
+
 import pytest
 
 from gateway.auth import KeyStore, key_label, mask
@@ -78,3 +80,16 @@ def test_tokens_per_minute_charged_after_use():
     assert caught.value.limit == "tokens"
     clock.now = 31.0  # 10 tokens/s refill: back above zero after 30 s
     limiter.admit("k", limits)
+
+
+def test_a_malformed_keys_file_line_never_logs_a_key(tmp_path, caplog):
+    first, second = "sk-live-" + "a" * 32, "sk-live-" + "b" * 32
+    path = tmp_path / "keys"
+    path.write_text(f"{first} {second}\n{first[:-1]}c rpm=x tpm==5 {second}=1\n")
+    with caplog.at_level(logging.DEBUG):
+        store = KeyStore((), str(path))
+    assert len(store) == 2
+    logged = caplog.text
+    assert "ignoring word 2" in logged
+    for secret in (first, second, first[:-1] + "c"):
+        assert secret not in logged and secret[8:-4] not in logged
