@@ -5,11 +5,23 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 import sys
 import time
+import uuid
 
 # The id of the request being handled by the current task; "-" outside any request.
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+# What a caller's request id may be: it goes into every log line of the request, so no spaces, quotes or control
+# characters (log injection) and a bounded length.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+def valid_request_id(candidate: str | None) -> str:
+    """The caller's request id when it is safe to log, else a new one."""
+    if candidate and _REQUEST_ID.fullmatch(candidate):
+        return candidate
+    return uuid.uuid4().hex
 
 
 class _RequestIdFilter(logging.Filter):

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from common.logs import request_id_var
+from common.logs import request_id_var, valid_request_id
 from gateway.auth import KeyStore
 from gateway.backend import Backend
 from gateway.config import GatewayConfig
@@ -26,7 +24,6 @@ from gateway.state import BACKEND, CONFIG, KEYS, LIMITER, METRICS, UNKNOWN_FIELD
 log = logging.getLogger("gateway.access")
 
 KEYS_POLL_S = 2.0
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 # Routes anyone may call; everything else needs an API key.
 _OPEN_ROUTES = {"livez", "openapi"}
 # Routes that count against a key's rate limits.
@@ -59,6 +56,7 @@ async def _backend_channel(app: web.Application) -> AsyncIterator[None]:
         metrics.replicas.labels("not_serving").set(len(backend.router.replicas) - healthy)
 
     backend.on_health_change = count
+    backend.on_removed = metrics.forget_replica
     await backend.open()
     count()
     yield
@@ -114,7 +112,7 @@ async def _add_headers(request: web.Request, response: web.StreamResponse) -> No
             response.headers["Vary"] = "Origin"
 
 
-def error_response(error: ApiError) -> web.Response:
+def error_response(error: ApiError, route: str | None = None) -> web.Response:
     return web.Response(
         status=error.status, body=error.body_bytes(), content_type="application/json", headers=error.headers()
     )
@@ -122,8 +120,7 @@ def error_response(error: ApiError) -> web.Response:
 
 @web.middleware
 async def _front_door(request: web.Request, handler) -> web.StreamResponse:
-    incoming = request.headers.get("X-Request-Id", "")
-    request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+    request_id = valid_request_id(request.headers.get("X-Request-Id"))
     request["request_id"] = request_id
     request_id_var.set(request_id)
     app = request.app
@@ -162,19 +159,21 @@ async def _front_door(request: web.Request, handler) -> web.StreamResponse:
     except ApiError as e:
         status = e.status
         request["error"] = e
-        return error_response(e)
+        return error_response(e, route)
     except web.HTTPException as e:
         error = _from_http_exception(e, request)
         status = error.status
         request["error"] = error
-        return error_response(error)
+        return error_response(error, route)
     except asyncio.CancelledError:
         status = 499  # the client closed the connection
         raise
     except Exception:
         log.exception("unhandled error")
         status = 500
-        return error_response(Upstream(500, "the server had an error while processing your request", code="internal_error"))
+        return error_response(
+            Upstream(500, "the server had an error while processing your request", code="internal_error"), route
+        )
     finally:
         duration = time.perf_counter() - started
         route_label = route or "unmatched"

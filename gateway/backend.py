@@ -113,6 +113,8 @@ class Backend:
         self._serving = asyncio.Event()
         # Called with the replica whenever it turns healthy or unhealthy (a metrics hook).
         self.on_health_change = lambda replica: None
+        # Called with a replica's target once it is gone (pods come and go: per-replica labels must go with them).
+        self.on_removed = lambda target: None
 
     async def open(self) -> None:
         await self._refresh()
@@ -145,6 +147,7 @@ class Backend:
         for target in self.router.replicas.keys() - targets:
             replica = self.router.remove(target)
             self.on_health_change(replica)
+            self.on_removed(target)
             log.info("replica %s removed", target)
             # In-flight streams keep the channel until they end; it closes gracefully.
             asyncio.create_task(replica.handle.close(grace=60))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -45,3 +47,8 @@ class GatewayMetrics:
         self.prompt_tokens = Counter(
             "chatserve_gateway_prompt_tokens", "Prompt tokens processed, by API key label.", ["key"], registry=r
         )
+
+    def forget_replica(self, target: str) -> None:
+        """Drop a replica's series once it is gone, so pod churn cannot grow the label set without bound."""
+        with contextlib.suppress(KeyError):
+            self.routed.remove(target)

@@ -44,6 +44,8 @@ UNPARSABLE = (
     "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP "
     "library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.)"
 )
+# Unknown field names are logged once each, up to this many per process (the set is keyed by client input).
+MAX_UNKNOWN_FIELDS_LOGGED = 256
 
 
 class UnsupportedMediaType(ApiError):
@@ -81,10 +83,17 @@ def parse(model: type[M], body: dict, app: web.Application) -> M:
         raise _validation_error(e, body) from None
     except RecursionError:
         raise BadRequest("the request body is nested too deeply") from None
-    unknown = [f for f in parsed.unknown_fields() if f not in app[UNKNOWN_FIELDS]]
-    if unknown:
-        app[UNKNOWN_FIELDS].update(unknown)
-        log.warning("ignoring request fields this API does not know (logged once each): %s", ", ".join(unknown))
+    seen = app[UNKNOWN_FIELDS]
+    if len(seen) < MAX_UNKNOWN_FIELDS_LOGGED:
+        # Client input: bounded in number and length, and quoted so it cannot forge log lines.
+        unknown = list(dict.fromkeys(f[:64] for f in parsed.unknown_fields() if f[:64] not in seen))
+        unknown = unknown[: MAX_UNKNOWN_FIELDS_LOGGED - len(seen)]
+        if unknown:
+            seen.update(unknown)
+            log.warning(
+                "ignoring request fields this API does not know (logged once each, the first %d): %s",
+                MAX_UNKNOWN_FIELDS_LOGGED, ", ".join(ascii(f) for f in unknown),
+            )
     return parsed
 
 
@@ -152,26 +161,45 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def _generate(request: web.Request, translated: Translated, encoder, accumulator, started: float):
     """Run the gRPC calls of one HTTP request. With an encoder, write an SSE stream and return the response;
     with an accumulator, feed it every message and return the summed usage."""
-    app = request.app
     streams: list[Stream] = []
+    tally = _Tally()
     try:
         # Every call's first message (or error) comes before the HTTP status is chosen.
         for message in translated.requests:
             streams.append(await _start(request, message, translated))
         offsets = [i * translated.n for i in range(len(streams))]
-        messages = _merge(request, streams, offsets)
+        messages = tally.count(_merge(request, streams, offsets))
         if encoder is None:
-            usage = None
             async for offset, message in messages:
                 accumulator.add(message, offset)
-                if message.HasField("usage"):
-                    usage = add_usage(usage, message.usage)
-            _count_tokens(request, usage)
-            return usage
-        return await _stream(request, messages, encoder, translated.n, started)
+            return tally.usage
+        return await _stream(request, messages, encoder, translated.n, started, tally)
     finally:
         for stream in streams:
             stream.close()  # aborts the generation if we stopped early; releases the replica
+        # Whatever the ending (finished, client gone, failed mid-stream): what was generated is charged.
+        _count_tokens(request, tally)
+
+
+class _Tally:
+    """The usage of one HTTP request's calls, and the tokens they streamed, for a call that ends before its usage."""
+
+    def __init__(self) -> None:
+        self.usage: pb.Usage | None = None
+        self.streamed = 0
+
+    async def count(self, messages):
+        async for offset, message in messages:
+            self.streamed += sum(len(c.token_ids) for c in message.choices)
+            if message.HasField("usage"):
+                self.usage = add_usage(self.usage, message.usage)
+            yield offset, message
+
+    def charged(self) -> tuple[int, int]:
+        """(prompt, completion) tokens: the usage once every call has reported it, else what was streamed."""
+        if self.usage is not None:
+            return self.usage.prompt_tokens, max(self.usage.completion_tokens, self.streamed)
+        return 0, self.streamed
 
 
 async def _start(request: web.Request, message: pb.GenerateRequest, translated: Translated) -> Stream:
@@ -217,7 +245,9 @@ async def _merge(request: web.Request, streams: list[Stream], offsets: list[int]
                 await queue.put((offset, message))
                 message = await _read(request, stream)
             await queue.put((offset, None))
-        except ApiError as e:
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # whatever it is, the consumer must hear of it, or it would wait forever
             await queue.put((offset, e))
 
     tasks = [asyncio.create_task(pump(s, o)) for s, o in zip(streams, offsets)]
@@ -227,7 +257,7 @@ async def _merge(request: web.Request, streams: list[Stream], offsets: list[int]
             offset, item = await queue.get()
             if item is None:
                 live -= 1
-            elif isinstance(item, ApiError):
+            elif isinstance(item, Exception):
                 raise item
             else:
                 yield offset, item
@@ -236,31 +266,26 @@ async def _merge(request: web.Request, streams: list[Stream], offsets: list[int]
             task.cancel()
 
 
-async def _stream(request: web.Request, messages, encoder, n: int, started: float) -> web.StreamResponse:
+async def _stream(request: web.Request, messages, encoder, n: int, started: float, tally: _Tally) -> web.StreamResponse:
     metrics = request.app[METRICS]
     response = web.StreamResponse(headers=sse.HEADERS)
     await response.prepare(request)
     request["ttfb"] = time.perf_counter() - started
     metrics.ttfb.labels(request.match_info.route.name).observe(request["ttfb"])
     metrics.open_streams.inc()
-    usage = None
     try:
         payloads = encoder.start(n)
         try:
             async for offset, message in messages:
                 payloads += encoder.encode(message, offset)
-                if message.HasField("usage"):
-                    usage = add_usage(usage, message.usage)
-                await response.write(sse.events(payloads))
+                await response.write(encoder.frame(payloads))
                 payloads = []
         except ApiError as e:
             # The stream is under way: report the failure in-band, then end the stream as usual.
             log.warning("stream failed after it started: %s", e.message)
-            await response.write(sse.error_event(e) + sse.DONE)
+            await response.write(encoder.failed(e))
             return response
-        tail = [encoder.usage(usage)] if usage is not None and encoder.include_usage else []
-        await response.write(sse.events(tail) + sse.DONE)
-        _count_tokens(request, usage)
+        await response.write(encoder.end(tally.usage))
     except ConnectionResetError:
         log.info("client went away mid-stream; cancelling the generation")
     finally:
@@ -268,17 +293,18 @@ async def _stream(request: web.Request, messages, encoder, n: int, started: floa
     return response
 
 
-def _count_tokens(request: web.Request, usage: pb.Usage | None) -> None:
-    if usage is None:
+def _count_tokens(request: web.Request, tally: _Tally) -> None:
+    prompt, completion = tally.charged()
+    if not prompt and not completion:
         return
     key = request.get("key_label", "-")
     metrics = request.app[METRICS]
-    metrics.prompt_tokens.labels(key).inc(usage.prompt_tokens)
-    metrics.completion_tokens.labels(key).inc(usage.completion_tokens)
-    request["usage"] = usage
+    metrics.prompt_tokens.labels(key).inc(prompt)
+    metrics.completion_tokens.labels(key).inc(completion)
+    request["usage"] = tally.usage or pb.Usage(completion_tokens=completion)
     caller = request.get("caller")
     if caller is not None:
-        request.app[LIMITER].charge(caller.label, caller.limits, usage.prompt_tokens + usage.completion_tokens)
+        request.app[LIMITER].charge(caller.label, caller.limits, prompt + completion)
 
 
 def _dumps(value) -> str:

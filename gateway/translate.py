@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 from generate.v1 import generate_pb2 as pb
 
-from gateway.errors import BadRequest
+from gateway import sse
+from gateway.errors import ApiError, BadRequest
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from gateway.routing import chat_routing_key, text_routing_key
 
@@ -261,6 +262,17 @@ class _ChunkEncoder:
 
     def usage(self, usage: pb.Usage) -> str:
         return self._usage_head + _dumps(usage_dict(usage)) + "}"
+
+    # The SSE framing of an OpenAI stream (the Anthropic encoder frames its own events).
+    def frame(self, payloads: list[str]) -> bytes:
+        return sse.events(payloads)
+
+    def end(self, usage: pb.Usage | None) -> bytes:
+        tail = [self.usage(usage)] if usage is not None and self.include_usage else []
+        return sse.events(tail) + sse.DONE
+
+    def failed(self, error: ApiError) -> bytes:
+        return sse.error_event(error) + sse.DONE
 
 
 class ChatChunkEncoder(_ChunkEncoder):

@@ -385,7 +385,35 @@ def validate_constraint(c: Constraint) -> None:
         raise InvalidArgument(c.field, f"the {c.kind} constraint must not be empty")
 
 
+# More characters than this per token of the context window cannot fit it, whatever the tokenizer (a token spans a
+# few characters; runs of spaces or repeats a few dozen at most): such a prompt is refused before it is tokenized,
+# which would hold a core for seconds to find out.
+MAX_CHARS_PER_TOKEN = 32
+
+
+def input_chars(input: Input) -> int:
+    """The characters a prompt's tokens are made from (text, messages, tool calls and tool definitions)."""
+    match input:
+        case TextInput(text=text):
+            return len(text)
+        case ChatInput(messages=messages, tools=tools):
+            chars = sum(len(m.content) + sum(len(c.name) + len(c.arguments) for c in m.tool_calls) for m in messages)
+            return chars + sum(len(t.name) + len(t.description) + len(t.parameters) for t in tools)
+    return 0
+
+
+def check_input_size(input: Input, context_length: int) -> None:
+    chars = input_chars(input)
+    if chars > context_length * MAX_CHARS_PER_TOKEN:
+        raise InvalidArgument(
+            "input",
+            f"the prompt is {chars} characters, far more than this model's context window of {context_length} "
+            "tokens can hold; shorten it",
+        )
+
+
 def validate_request(request: GenerateRequest, info: ModelInfo) -> None:
+    check_input_size(request.input, info.context_length)
     if not 1 <= request.n <= MAX_CHOICES:
         raise InvalidArgument("n", f"n must be between 1 and {MAX_CHOICES}")
     if request.top_logprobs is not None and not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:

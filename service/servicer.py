@@ -11,12 +11,11 @@ import contextlib
 import hmac
 import logging
 import time
-import uuid
 from dataclasses import dataclass
 
 import grpc
 
-from common.logs import request_id_var
+from common.logs import request_id_var, valid_request_id
 from generate.v1 import generate_pb2 as pb
 from generate.v1 import generate_pb2_grpc as pb_grpc
 from service import domain
@@ -68,7 +67,8 @@ class GenerateServicer(pb_grpc.GenerateServicer):
         self._pacing = pacing
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
-        request_id = request.request_id or _metadata(context, "x-request-id") or uuid.uuid4().hex
+        # A direct gRPC caller's id goes into every log line of the call: checked as the gateway checks its header.
+        request_id = valid_request_id(request.request_id or _metadata(context, "x-request-id"))
         request_id_var.set(request_id)
         started = time.perf_counter()
         outcome = "ok"
@@ -143,7 +143,9 @@ class GenerateServicer(pb_grpc.GenerateServicer):
         try:
             self._check_auth(context)
             self._check_model(request.model)
-            count = self._engine.count_tokens(domain.input_from_proto(request.input))
+            prompt = domain.input_from_proto(request.input)
+            domain.check_input_size(prompt, self._engine.info.context_length)
+            count = await asyncio.to_thread(self._engine.count_tokens, prompt)
         except ServiceError as e:
             await context.abort_with_status(to_status(e))
         return pb.CountTokensResponse(prompt_tokens=count, context_length=self._engine.info.context_length)

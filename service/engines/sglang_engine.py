@@ -517,7 +517,9 @@ class SGLangEngine:
             raise Unavailable("the engine is not running")
         info = self.info
         validate_request(request, info)
-        prompt_ids = self._renderer.token_ids(request.input)
+        # Chat template and tokenizer: milliseconds, or seconds for a long prompt; off the event loop, so the
+        # streams in flight keep flowing meanwhile.
+        prompt_ids = await asyncio.to_thread(self._renderer.token_ids, request.input)
         resolved = resolve(request.sampling, self._defaults, len(prompt_ids), info)
         refusal = seed_refusal(resolved, self._deterministic)
         if refusal is not None:

@@ -191,7 +191,9 @@ class TransformersEngine:
         if not self.is_alive():
             raise Unavailable("the engine is not running")
         validate_request(request, self.info)
-        prompt_ids = self._renderer.token_ids(request.input)
+        # Chat template and tokenizer: milliseconds, or seconds for a long prompt; off the event loop, so the
+        # streams in flight keep flowing meanwhile.
+        prompt_ids = await asyncio.to_thread(self._renderer.token_ids, request.input)
         sampling = resolve(request.sampling, self._defaults, len(prompt_ids), self.info)
         end_ids = [] if sampling.ignore_eos else list(self._eos_ids)
         end_ids += [t for t in sampling.stop_token_ids if t not in end_ids]

@@ -153,3 +153,21 @@ def test_seed_python_example_verbatim(stack, model):
     assert first_line == model
     # The last chunk's delta is empty, which the program prints as "None", exactly as with OpenAI's API.
     assert answer.endswith("None") and len(answer.removesuffix("None").strip()) > 0
+
+
+def test_grpc_request_ids_are_checked_before_they_reach_the_log(stack, grpc_stub):
+    """A direct gRPC caller's request_id goes into every log line of its call: one that could forge log lines is
+    replaced, as the gateway replaces such an X-Request-Id header."""
+    def generate(request_id: str) -> None:
+        request = pb.GenerateRequest(request_id=request_id, input=pb.Input(text="Hi"),
+                                     sampling=pb.SamplingParams(max_tokens=2, temperature=0.0))
+        assert list(grpc_stub.Generate(request, timeout=60))[-1].HasField("usage")
+
+    generate("trace-ok-7f3a")
+    generate("evil\n2026-01-01 00:00:00,000 ERROR forged-line-9c1d [x] " + "y" * 200)
+    if stack.launcher is None:
+        return  # a stack started elsewhere: its log is not ours to read
+    from tests.helpers.procs import wait_until
+
+    wait_until(lambda: "trace-ok-7f3a" in stack.service_log(), 10, 0.1, "the valid id in the log")
+    assert "forged-line-9c1d" not in stack.service_log()

@@ -16,6 +16,7 @@ import pytest
 
 from generate.v1 import generate_pb2 as pb
 from generate.v1 import generate_pb2_grpc
+from common.procs import scrape
 from tests.helpers.procs import start_gateway, start_service, wait_serving, wait_until
 
 KEY = "sk-integration-" + "x" * 20
@@ -260,3 +261,28 @@ def test_mid_stream_error_is_one_event_then_done(tmp_path):
     finally:
         gateway.stop()
         service.proc.stop()
+
+
+async def test_tokens_of_a_stream_the_client_left_are_charged_to_its_key(shared):
+    """A client that hangs up mid-stream (or whose stream fails) still pays for what it made the engine generate:
+    otherwise per-key token limits could be dodged by never reading to the end."""
+    service, base = shared
+    model = model_of(base)
+
+    def charged() -> float:
+        return sum(v for k, v in scrape(base + "/metrics").items()
+                   if k.startswith("chatserve_gateway_completion_tokens_total"))
+
+    before = charged()
+    body = {"model": model, "messages": PROMPT, "max_tokens": 300, "stream": True, "temperature": 0}
+    async with aiohttp.ClientSession() as session:
+        response = await post(session, base, body)
+        events = 0
+        async for line in response.content:
+            events += line.startswith(b"data: ")
+            if events == 6:
+                break
+        response.close()
+    await asyncio.to_thread(wait_until, lambda: charged() >= before + 5, 10, 0.1, "tokens charged after the hang-up")
+    await asyncio.to_thread(wait_until, lambda: idle(service), 30, 0.2, "service idle")
+    assert charged() - before < 300

@@ -174,3 +174,18 @@ def test_tool_call_deltas_to_proto_and_merge():
     assert message.choices[0].finish_reason == pb.FINISH_REASON_TOOL_CALLS
     assert message.choices[0].tool_calls[0] == pb.ToolCallDelta(index=0, id="call_x", name="f")
     assert message.choices[0].tool_calls[1].arguments == '{"a": 1}'
+
+
+def test_a_prompt_far_beyond_the_context_window_is_refused_before_tokenizing():
+    from service.domain import MAX_CHARS_PER_TOKEN, validate_request
+
+    limit = INFO.context_length * MAX_CHARS_PER_TOKEN
+    validate_request(GenerateRequest("r", TextInput("x" * limit)), INFO)  # might still fit: the tokenizer decides
+    for prompt in (
+        TextInput("x" * (limit + 1)),
+        ChatInput((Message("system", "s" * limit), Message("user", "hi"))),
+        ChatInput((Message("user", "hi"),), tools=(Tool("f", parameters='{"description": "' + "d" * limit + '"}'),)),
+    ):
+        with pytest.raises(InvalidArgument) as caught:
+            validate_request(GenerateRequest("r", prompt), INFO)
+        assert caught.value.field == "input" and "context window of 100 tokens" in str(caught.value)
