@@ -1,0 +1,59 @@
+"""Cut the component schemas the tests validate against out of OpenAI's published OpenAPI description.
+
+    python tests/schemas/extract_openai.py /path/to/openai-openapi/openapi.json COMMIT
+
+Writes tests/schemas/openai.json: every schema reachable from ROOTS, as published (repository openai/openai-openapi,
+MIT license, the commit named in the file), so the tests check responses against OpenAI's own definitions offline.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOTS = [
+    "CreateChatCompletionResponse",
+    "CreateChatCompletionStreamResponse",
+    "CreateCompletionResponse",
+    "ListModelsResponse",
+    "Model",
+    "ErrorResponse",
+]
+OUT = Path(__file__).with_name("openai.json")
+
+
+def refs(node, found: set[str]) -> None:
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/components/schemas/"):
+            found.add(ref.rsplit("/", 1)[1])
+        for value in node.values():
+            refs(value, found)
+    elif isinstance(node, list):
+        for value in node:
+            refs(value, found)
+
+
+def main() -> None:
+    source, commit = sys.argv[1], sys.argv[2]
+    schemas = json.loads(Path(source).read_text())["components"]["schemas"]
+    keep: dict[str, object] = {}
+    todo = list(ROOTS)
+    while todo:
+        name = todo.pop()
+        if name in keep:
+            continue
+        keep[name] = schemas[name]
+        found: set[str] = set()
+        refs(schemas[name], found)
+        todo += sorted(found - keep.keys())
+    OUT.write_text(json.dumps({
+        "source": f"https://github.com/openai/openai-openapi/blob/{commit}/openapi.json (MIT License, Copyright (c) OpenAI)",
+        "components": {"schemas": dict(sorted(keep.items()))},
+    }, indent=1, sort_keys=False) + "\n")
+    print(f"{len(keep)} schemas -> {OUT}")
+
+
+if __name__ == "__main__":
+    main()
