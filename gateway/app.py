@@ -12,6 +12,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from common.logs import request_id_var, valid_request_id
+from gateway import anthropic
 from gateway.auth import KeyStore
 from gateway.backend import Backend
 from gateway.config import GatewayConfig
@@ -27,8 +28,11 @@ KEYS_POLL_S = 2.0
 # Routes anyone may call; everything else needs an API key.
 _OPEN_ROUTES = {"livez", "openapi"}
 # Routes that count against a key's rate limits.
-_LIMITED_ROUTES = {"chat", "completions"}
-CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-Request-Id, OpenAI-Organization, OpenAI-Project"
+_LIMITED_ROUTES = {"chat", "completions", "messages"}
+CORS_ALLOW_HEADERS = (
+    "Authorization, Content-Type, X-Request-Id, OpenAI-Organization, OpenAI-Project, x-api-key, anthropic-version, "
+    "anthropic-beta"
+)
 
 
 def create_app(config: GatewayConfig, metrics: GatewayMetrics | None = None) -> web.Application:
@@ -112,10 +116,21 @@ async def _add_headers(request: web.Request, response: web.StreamResponse) -> No
             response.headers["Vary"] = "Origin"
 
 
+# Routes of Anthropic's Messages API: their errors take Anthropic's shape.
+_ANTHROPIC_ROUTES = {"messages", "count_tokens"}
+
+
+def _credentials(request: web.Request) -> str | None:
+    """`Authorization: Bearer <key>`, or Anthropic's `x-api-key: <key>` (what the anthropic SDK sends)."""
+    header = request.headers.get("Authorization")
+    if header is None and (key := request.headers.get("x-api-key")):
+        return f"Bearer {key}"
+    return header
+
+
 def error_response(error: ApiError, route: str | None = None) -> web.Response:
-    return web.Response(
-        status=error.status, body=error.body_bytes(), content_type="application/json", headers=error.headers()
-    )
+    body = anthropic.error_body(error) if route in _ANTHROPIC_ROUTES else error.body_bytes()
+    return web.Response(status=error.status, body=body, content_type="application/json", headers=error.headers())
 
 
 @web.middleware
@@ -141,7 +156,7 @@ async def _front_door(request: web.Request, handler) -> web.StreamResponse:
             )
         if _needs_key(route, config) and app[KEYS].enabled:
             try:
-                caller = app[KEYS].authenticate(request.headers.get("Authorization"))
+                caller = app[KEYS].authenticate(_credentials(request))
             except ApiError:
                 metrics.auth_failures.inc()
                 raise

@@ -191,6 +191,15 @@ class Backend:
                 raise
             return Stream(call, first, replica)
 
+    async def count_tokens(self, request: pb.GenerateRequest) -> pb.CountTokensResponse:
+        """The prompt tokens of a request's input, as the service renders and tokenizes it."""
+        replica = self.router.pick(None)
+        if replica is None:
+            raise NoReplica()
+        return await replica.handle.stub.CountTokens(
+            pb.CountTokensRequest(model=request.model, input=request.input), metadata=self._auth, timeout=HEALTH_TIMEOUT_S * 10
+        )
+
     async def model_info(self) -> pb.GetModelInfoResponse:
         """The served model, cached for a while; raises AioRpcError or NoReplica when no replica answers."""
         now = time.monotonic()

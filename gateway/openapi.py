@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from gateway.anthropic import CountTokensRequest, MessagesRequest
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
 
 _ERROR = {
@@ -132,6 +133,64 @@ _MODEL = {
 }
 
 
+# Anthropic's Messages API (gateway/anthropic.py): its message object and error shape.
+_ANTHROPIC_ERROR = {
+    "type": "object",
+    "required": ["type", "error"],
+    "properties": {
+        "type": {"const": "error"},
+        "error": {"type": "object", "required": ["type", "message"],
+                  "properties": {"type": {"type": "string"}, "message": {"type": "string"}}},
+    },
+}
+
+_MESSAGE = {
+    "type": "object",
+    "required": ["id", "type", "role", "model", "content", "stop_reason", "stop_sequence", "usage"],
+    "properties": {
+        "id": {"type": "string"},
+        "type": {"const": "message"},
+        "role": {"const": "assistant"},
+        "model": {"type": "string"},
+        "content": {
+            "type": "array",
+            "items": {
+                "oneOf": [
+                    {"type": "object", "required": ["type", "text"],
+                     "properties": {"type": {"const": "text"}, "text": {"type": "string"}}},
+                    {"type": "object", "required": ["type", "id", "name", "input"],
+                     "properties": {"type": {"const": "tool_use"}, "id": {"type": "string"},
+                                    "name": {"type": "string"}, "input": {"type": "object"}}},
+                ]
+            },
+        },
+        "stop_reason": {"enum": ["end_turn", "max_tokens", "stop_sequence", "tool_use"]},
+        "stop_sequence": {"type": ["string", "null"]},
+        "usage": {
+            "type": "object",
+            "required": ["input_tokens", "output_tokens"],
+            "properties": {name: {"type": "integer", "minimum": 0} for name in (
+                "input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")},
+        },
+    },
+}
+
+
+def _anthropic(summary: str, request: str, response: str, stream: bool) -> dict:
+    ok = {**_json(response), **({"text/event-stream": {"schema": {"type": "string"}}} if stream else {})}
+    return {
+        "post": {
+            "summary": summary,
+            "requestBody": {"required": True, "content": _json(request)},
+            "responses": {
+                "200": {"description": "Anthropic's message object (or its event stream with `stream: true`)", "content": ok},
+                **{str(code): {"description": "an error in Anthropic's shape", "content": _json("AnthropicError")}
+                   for code in _GENERATION_ERRORS},
+            },
+        }
+    }
+
+
 def _json(schema_ref: str) -> dict:
     return {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema_ref}"}}}
 
@@ -163,7 +222,7 @@ def _generation(summary: str, request: str, response: str) -> dict:
 def openapi_document(models: tuple[str, ...] = ()) -> dict[str, Any]:
     """The document; with the served model ids known, `model` lists them as the only valid values."""
     schemas: dict[str, Any] = {}
-    for model in (ChatCompletionRequest, CompletionRequest):
+    for model in (ChatCompletionRequest, CompletionRequest, MessagesRequest, CountTokensRequest):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
         if models:
@@ -171,6 +230,9 @@ def openapi_document(models: tuple[str, ...] = ()) -> dict[str, Any]:
         schemas[model.__name__] = schema
     schemas.update(
         Error=_ERROR, Usage=_USAGE, ChatCompletion=_CHAT_COMPLETION, Completion=_COMPLETION, Model=_MODEL,
+        Message=_MESSAGE, AnthropicError=_ANTHROPIC_ERROR,
+        MessageTokenCount={"type": "object", "required": ["input_tokens"],
+                           "properties": {"input_tokens": {"type": "integer", "minimum": 0}}},
         ModelList={
             "type": "object",
             "required": ["object", "data"],
@@ -188,6 +250,10 @@ def openapi_document(models: tuple[str, ...] = ()) -> dict[str, Any]:
         "paths": {
             "/v1/chat/completions": _generation("Create a chat completion", "ChatCompletionRequest", "ChatCompletion"),
             "/v1/completions": _generation("Create a text completion", "CompletionRequest", "Completion"),
+            "/v1/messages": _anthropic("Create a message (Anthropic's Messages API)", "MessagesRequest", "Message", True),
+            "/v1/messages/count_tokens": _anthropic(
+                "Count a message's input tokens (Anthropic's Messages API)", "CountTokensRequest", "MessageTokenCount", False
+            ),
             "/v1/models": {
                 "get": {
                     "summary": "List the served models",

@@ -18,7 +18,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from common.logs import request_id_var
-from gateway import sse
+from gateway import anthropic, sse
 from gateway.backend import NoReplica, Stream
 from gateway.errors import ApiError, BadRequest, NotFound, PayloadTooLarge, Upstream, from_rpc_error, no_replica
 from gateway.openapi import openapi_document
@@ -139,6 +139,34 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     accumulator = ChatAccumulator(choices, logprobs=bool(chat.logprobs))
     body = await _generate(request, translated, None, accumulator, started)
     return web.json_response(accumulator.response(completion_id, created, chat.model, body), dumps=_dumps)
+
+
+async def messages(request: web.Request) -> web.StreamResponse:
+    """Anthropic's Messages API: read as the chat request it means, answered in Anthropic's shapes."""
+    started = time.perf_counter()
+    req = parse(anthropic.MessagesRequest, await read_json(request), request.app)
+    chat = parse(ChatCompletionRequest, anthropic.to_chat(req), request.app)
+    translated = chat_to_proto(chat, request_id_var.get())
+    message = anthropic.message_id()
+    if req.stream:
+        return await _generate(request, translated, anthropic.MessageStreamEncoder(message, req.model), None, started)
+    accumulator = anthropic.MessageAccumulator()
+    usage = await _generate(request, translated, None, accumulator, started)
+    return web.json_response(accumulator.response(message, req.model, usage), dumps=_dumps)
+
+
+async def count_message_tokens(request: web.Request) -> web.Response:
+    req = parse(anthropic.CountTokensRequest, await read_json(request), request.app)
+    chat = parse(ChatCompletionRequest, anthropic.to_chat(req), request.app)
+    translated = chat_to_proto(chat, request_id_var.get())
+    try:
+        counted = await request.app[BACKEND].count_tokens(translated.request)
+    except grpc.aio.AioRpcError as e:
+        request.app[METRICS].grpc_errors.labels(e.code().name).inc()
+        raise from_rpc_error(e, translated.param_alias) from None
+    except NoReplica:
+        raise no_replica() from None
+    return web.json_response({"input_tokens": counted.prompt_tokens})
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -370,6 +398,8 @@ async def openapi(request: web.Request) -> web.Response:
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/chat/completions", chat_completions, name="chat")
     app.router.add_post("/v1/completions", completions, name="completions")
+    app.router.add_post("/v1/messages", messages, name="messages")
+    app.router.add_post("/v1/messages/count_tokens", count_message_tokens, name="count_tokens")
     app.router.add_get("/v1/models", list_models, name="models")
     app.router.add_get("/v1/models/{model_id}", get_model, name="model")
     app.router.add_get("/health", health, name="health")
