@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -56,6 +57,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_KV_CACHE_TOKENS = 32768
+# How often outputs stranded after a cancel are dropped (see TransformersEngine._sweep_stranded).
+STRANDED_SWEEP_S = 1.0
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -66,6 +69,7 @@ class TransformersEngine:
         self._manager = None
         self._sampler = RequestSampler()
         self._alive = False
+        self._sweeper: asyncio.Task | None = None
         self._token_text: dict[int, tuple[str, bytes]] = {}
         self._tool_format = tool_format(config.tool_parser)
 
@@ -82,7 +86,37 @@ class TransformersEngine:
         with torch.inference_mode():
             self._manager.start()
         self._alive = True
+        self._sweeper = asyncio.create_task(self._sweep_stranded())
         await self._warm_up()
+
+    async def _sweep_stranded(self) -> None:
+        """Drop outputs stranded in the library's shared output queue.
+
+        Every request here has a result handler, removed when the choice closes. A cancel is only queued, though:
+        the generation thread may still deliver outputs for that request, and with no handler left the library
+        puts them on its `output_queue`, which nothing here reads, so they would pile up forever (one early close
+        or stop-string end at a time). Nothing else uses that queue, so whatever is in it is stranded."""
+        while True:
+            await asyncio.sleep(STRANDED_SWEEP_S)
+            self._drop_stranded()
+
+    def _drop_stranded(self) -> int:
+        stranded = self._manager.output_router.output_queue
+        dropped = 0
+        while True:
+            try:
+                stranded.get_nowait()
+            except queue.Empty:
+                return dropped
+            dropped += 1
+
+    def leftovers(self) -> dict[str, int]:
+        """What requests leave behind in the engine: all zero once nothing is in flight (for tests and soaks)."""
+        router = self._manager.output_router
+        with router._lock:
+            handlers = len(router.result_handlers)
+        return {"stranded_outputs": router.output_queue.qsize(), "result_handlers": handlers,
+                "sampling_plans": len(self._sampler)}
 
     def _load(self) -> None:
         config = self._config
@@ -157,6 +191,8 @@ class TransformersEngine:
 
     async def stop(self) -> None:
         self._alive = False
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self._manager is not None and self._manager.is_running():
             await asyncio.to_thread(self._manager.stop, block=True, timeout=30, hard_stop=True)
 
