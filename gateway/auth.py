@@ -104,6 +104,14 @@ class KeyStore:
         if mtime != self._mtime:
             self.reload()
 
+    def is_key(self, text: str) -> bool:
+        """Whether `text` is one of the keys (compared as authenticate compares them)."""
+        candidate = text.encode()
+        found = False
+        for key, _ in self._keys:
+            found |= hmac.compare_digest(candidate, key)
+        return found
+
     def authenticate(self, authorization: str | None) -> Caller:
         """Return who is calling (the key's label and limits), or raise Unauthorized."""
         if not authorization:
