@@ -47,3 +47,10 @@ def problems(instance: object, name: str) -> list[str]:
 def assert_valid(instance: object, name: str) -> None:
     found = problems(instance, name)
     assert not found, f"not a valid {name} by OpenAI's schema:\n" + "\n".join(found[:10])
+
+
+def openai_document() -> dict:
+    """OpenAI's own description of the operations the gateway serves, as an OpenAPI document (for fuzzing)."""
+    cut = _nullable(json.loads(SCHEMAS.read_text()))
+    return {"openapi": "3.1.0", "info": {"title": "OpenAI API (the operations chatserve serves)", "version": "cut"},
+            "paths": cut["paths"], "components": cut["components"]}

@@ -12,7 +12,11 @@ import json
 import sys
 from pathlib import Path
 
+# The operations the gateway serves, as OpenAI describes them (for fuzzing the gateway with OpenAI's own requests).
+OPERATIONS = {"/chat/completions": "post", "/completions": "post", "/models": "get", "/models/{model}": "get"}
 ROOTS = [
+    "CreateChatCompletionRequest",
+    "CreateCompletionRequest",
     "CreateChatCompletionResponse",
     "CreateChatCompletionStreamResponse",
     "CreateCompletionResponse",
@@ -37,9 +41,14 @@ def refs(node, found: set[str]) -> None:
 
 def main() -> None:
     source, commit = sys.argv[1], sys.argv[2]
-    schemas = json.loads(Path(source).read_text())["components"]["schemas"]
+    document = json.loads(Path(source).read_text())
+    schemas = document["components"]["schemas"]
+    paths = {path: {method: document["paths"][path][method]} for path, method in OPERATIONS.items()}
     keep: dict[str, object] = {}
     todo = list(ROOTS)
+    found_in_paths: set[str] = set()
+    refs(paths, found_in_paths)
+    todo += sorted(found_in_paths)
     while todo:
         name = todo.pop()
         if name in keep:
@@ -50,7 +59,8 @@ def main() -> None:
         todo += sorted(found - keep.keys())
     OUT.write_text(json.dumps({
         "source": f"https://github.com/openai/openai-openapi/blob/{commit}/openapi.json (MIT License, Copyright (c) OpenAI)",
-        "components": {"schemas": dict(sorted(keep.items()))},
+        "paths": paths,
+        "components": {"responses": document["components"]["responses"], "schemas": dict(sorted(keep.items()))},
     }, indent=1, sort_keys=False) + "\n")
     print(f"{len(keep)} schemas -> {OUT}")
 
