@@ -6,7 +6,7 @@
 3. prefix caching: half the requests share a 1,000-token system prompt, half have a cold one of the same length;
    then scenarios 2 and 3 through SGLang's CPU engine, and both engines side by side in one table;
 4. the ceiling: the synthetic engine at rising rates across 256 streams, and with 4 tokens per message;
-5. start-up with the model prepared.
+5. start-up with the model prepared, and one huge prompt arriving during a stream (bench/stall.py).
 
 Writes bench/results/suite-<time>/REPORT.md (the verdicts first, then every table) and each scenario's
 JSON, table and chart beside it. `--quick` runs shorter windows and fewer levels (~6 minutes instead of ~14).
@@ -22,6 +22,7 @@ from bench import machine
 from bench.__main__ import benchmark, out_dir
 from bench.ceiling import ceiling
 from bench.stack import EngineSpec
+from bench.stall import stall
 from bench.startup import startup
 from bench.workload import Dist, Workload
 
@@ -109,6 +110,13 @@ async def suite(quick: bool, out, log=print, with_64: bool = False, skip_sglang:
                               out=out / "ceiling-4-per-step", log=log, steps=[4])
     sections.append("With 4 tokens per step (per message), as a stream interval in the service would send them:\n\n"
                     + (out / "ceiling-4-per-step" / "ceiling.md").read_text())
+
+    # 5b. One huge request during a stream: how long the stream's next token waits.
+    stalled = await stall(out / "stall", log=log)
+    sections.append((out / "stall" / "stall.md").read_text())
+    for row in stalled["rows"]:
+        verdicts.append(f"{_mark(row['ok'])} stall: a {row['chars']:,}-character prompt ({row['prompt']}) delayed a "
+                        f"running stream's next chunk by {row['delay_ms']} ms (target ≤ {stalled['target_ms']:g} ms)")
 
     # 5. Start-up.
     up = await startup(1 if q else 3, True, out / "startup", log=log)
