@@ -3,7 +3,7 @@
 #
 #   MODEL=/models/Qwen2.5-7B-Instruct deploy/gpu_smoke.sh [extra service flags, e.g. --tp-size 2]
 #
-# Needs a Python environment with CUDA torch, sglang (pip install -e '.[gateway,dev,sglang]') and a local
+# Needs a Python environment with CUDA torch, sglang (pip install -e '.[gateway,dev,clients,sglang]') and a local
 # Hugging Face model folder. It starts `python -m service --engine sglang` and `python -m gateway` on free
 # ports, waits until both are ready, runs the e2e suite against them (tests/e2e honours
 # CHATSERVE_E2E_BASE_URL, CHATSERVE_E2E_API_KEY and CHATSERVE_E2E_GRPC, which point it at a stack that is
