@@ -13,6 +13,7 @@ import asyncio  # noqa: E402
 import logging  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from aiohttp import web  # noqa: E402
@@ -30,9 +31,11 @@ async def run(config: GatewayConfig) -> int:
     # handler_cancellation: a client that disconnects cancels its handler, which cancels the gRPC call and so
     # the generation, even for a non-streaming request that has not written a byte yet.
     runner = web.AppRunner(
-        app, handler_cancellation=True, access_log=None, shutdown_timeout=config.shutdown_grace_s
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=config.shutdown_grace_s,
+        keepalive_timeout=config.keepalive_timeout_s,
     )
     await runner.setup()
+    _cap_connections(runner.server, config.max_connections)
     site = web.TCPSite(runner, config.host, config.port)
     try:
         await site.start()
@@ -59,6 +62,26 @@ async def run(config: GatewayConfig) -> int:
     await runner.cleanup()
     log.info("stopped")
     return 0
+
+
+def _cap_connections(server: web.Server, cap: int) -> None:
+    """Close a new connection at once while `cap` are open, so idle or slow clients cannot exhaust the process.
+
+    aiohttp has no such setting; every connection registers with the server as it is made, so that is where the
+    count is kept. (Headers are bounded by aiohttp itself: 8,190 bytes a line, 128 fields.)"""
+    made = server.connection_made
+    warned = 0.0
+
+    def connection_made(handler, transport) -> None:
+        nonlocal warned
+        made(handler, transport)
+        if len(server.connections) > cap:
+            transport.close()
+            if time.monotonic() - warned > 60:  # once a minute at most: a flood must not flood the log too
+                warned = time.monotonic()
+                log.warning("%d connections are open, the most allowed (--max-connections): closing new ones", cap)
+
+    server.connection_made = connection_made  # type: ignore[method-assign]
 
 
 def main(argv: list[str] | None = None) -> None:

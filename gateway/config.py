@@ -41,6 +41,10 @@ class GatewayConfig:
     open_metrics: bool = True
     # On SIGTERM: how long open streams get to finish.
     shutdown_grace_s: float = 30.0
+    # A connection with no request in flight is closed after this long (aiohttp's own default is an hour).
+    keepalive_timeout_s: float = 75.0
+    # Open connections at once; beyond, a new one is closed as it arrives (each holds memory and a descriptor).
+    max_connections: int = 4096
     log_level: str = "INFO"
     log_json: bool = False
 
@@ -85,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     add(p, "--protect-health", action="store_true", default=False, help="require an API key for /health")
     add(p, "--protect-metrics", action="store_true", default=False, help="require an API key for /metrics")
     add(p, "--shutdown-grace", type=float, default=d.shutdown_grace_s, old_env="SHUTDOWN_GRACE_S", help="seconds open streams get to finish on SIGTERM")
+    add(p, "--keepalive-timeout", type=float, default=d.keepalive_timeout_s, help="seconds an idle connection (none of its requests in flight, or none sent yet) stays open")
+    add(p, "--max-connections", type=int, default=d.max_connections, help="open client connections at once; more are closed as they arrive")
     add(p, "--log-level", default=d.log_level, help="DEBUG, INFO, WARNING or ERROR")
     add(p, "--log-json", action="store_true", default=False, help="one JSON object per log line")
     return p
@@ -116,6 +122,8 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
         open_health=not a.protect_health,
         open_metrics=not a.protect_metrics,
         shutdown_grace_s=a.shutdown_grace,
+        keepalive_timeout_s=a.keepalive_timeout,
+        max_connections=a.max_connections,
         log_level=a.log_level,
         log_json=a.log_json,
     )

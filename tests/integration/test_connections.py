@@ -1,0 +1,66 @@
+"""Connection hygiene at the gateway: idle connections are closed after --keepalive-timeout, connections beyond
+--max-connections are closed as they arrive, and normal requests keep being answered meanwhile."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import openai
+
+from tests.helpers.procs import start_gateway, start_service
+
+KEY = "sk-conn-" + "c" * 24
+
+
+def idle_sockets(port: int, count: int) -> list[socket.socket]:
+    out = []
+    for _ in range(count):
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        s.setblocking(False)
+        out.append(s)
+    return out
+
+
+def closed_by_server(s: socket.socket) -> bool:
+    try:
+        return s.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def test_idle_connections_are_closed_and_capped_while_requests_are_answered(tmp_path):
+    service = start_service(tmp_path)
+    gateway, base = start_gateway(tmp_path, service.target, "--keepalive-timeout", "20", "--max-connections", "2100",
+                                  keys=KEY)
+    port = int(base.rsplit(":", 1)[1])
+    sockets: list[socket.socket] = []
+    try:
+        opened = time.monotonic()
+        sockets = idle_sockets(port, 2000)
+        client = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        model = client.models.list().data[0].id
+        started = time.monotonic()
+        reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+        assert reply.choices[0].message.content is not None and time.monotonic() - started < 10
+        if time.monotonic() - opened < 15:  # held until their idle time is up
+            assert not any(closed_by_server(s) for s in sockets[:2000:50])
+        over = idle_sockets(port, 150)  # 2,150 open, over the cap of 2,100
+        refused_by = time.monotonic() + 5
+        while time.monotonic() < refused_by and sum(closed_by_server(s) for s in over) < 45:
+            time.sleep(0.1)  # the server accepts a backlog of connections, then closes those over the cap
+        assert sum(closed_by_server(s) for s in over) >= 45
+        sockets += over
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not all(closed_by_server(s) for s in sockets[:2000:50]):
+            time.sleep(0.2)
+        assert all(closed_by_server(s) for s in sockets[:2000:50]), "idle connections outlived --keepalive-timeout"
+        reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+        assert reply.choices
+    finally:
+        for s in sockets:
+            s.close()
+        gateway.stop()
+        service.proc.stop()
