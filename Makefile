@@ -64,8 +64,8 @@ test-sglang: $(STAMP) $(SGLANG_STAMP) model
 	@CHATSERVE_TEST_ENGINES=sglang CHATSERVE_SGLANG_PYTHON=$(CURDIR)/$(SGLANG_PY) $(PY) -m pytest -q tests/e2e; $(PYTEST_RC)
 
 # Benchmarks (bench/README.md). `make bench` runs every scenario of the performance targets and writes
-# bench/results/suite-<time>/REPORT.md with its tables and charts (~14 min on 2 cores; `make bench
-# BENCH_QUICK=1`: ~6 min). `make bench-soak` holds load through the gateway for SOAK_MINUTES and reports
+# bench/results/suite-<time>/REPORT.md with its tables and charts, both engines side by side (`make bench
+# BENCH_QUICK=1`: 7.7 min on 2 cores). `make bench-soak` holds load through the gateway for SOAK_MINUTES and reports
 # memory and latency drift. Neither is part of `make test`: they measure, they do not pass or fail.
 SOAK_MINUTES ?= 10
 .PHONY: bench-soak
