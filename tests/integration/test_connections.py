@@ -1,5 +1,6 @@
-"""Connection hygiene at the gateway: idle connections are closed after --keepalive-timeout, connections beyond
---max-connections are closed as they arrive, and normal requests keep being answered meanwhile."""
+"""Connection hygiene at the gateway: idle connections, and a client trickling its headers, are closed after
+--keepalive-timeout; connections beyond --max-connections are closed as they arrive; normal requests keep being
+answered meanwhile."""
 
 from __future__ import annotations
 
@@ -39,6 +40,10 @@ def test_idle_connections_are_closed_and_capped_while_requests_are_answered(tmp_
     sockets: list[socket.socket] = []
     try:
         opened = time.monotonic()
+        # A client that trickles its headers a byte at a time (below, while waiting) never completes a request.
+        slow = socket.create_connection(("127.0.0.1", port), timeout=5)
+        slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        slow.setblocking(False)
         sockets = idle_sockets(port, 2000)
         client = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=60)
         model = client.models.list().data[0].id
@@ -53,10 +58,16 @@ def test_idle_connections_are_closed_and_capped_while_requests_are_answered(tmp_
             time.sleep(0.1)  # the server accepts a backlog of connections, then closes those over the cap
         assert sum(closed_by_server(s) for s in over) >= 45
         sockets += over
+        sockets.append(slow)
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not all(closed_by_server(s) for s in sockets[:2000:50]):
+        while time.monotonic() < deadline and not all(closed_by_server(s) for s in [*sockets[:2000:50], slow]):
+            try:
+                slow.send(b"a")
+            except OSError:
+                pass  # closed by the server
             time.sleep(0.2)
         assert all(closed_by_server(s) for s in sockets[:2000:50]), "idle connections outlived --keepalive-timeout"
+        assert closed_by_server(slow), "a client trickling its headers outlived --keepalive-timeout"
         reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
         assert reply.choices
     finally:
