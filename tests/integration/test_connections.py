@@ -9,7 +9,7 @@ import time
 
 import openai
 
-from tests.helpers.procs import start_gateway, start_service
+from tests.helpers.procs import start_gateway, start_service, wait_until
 
 KEY = "sk-conn-" + "c" * 24
 
@@ -53,21 +53,18 @@ def test_idle_connections_are_closed_and_capped_while_requests_are_answered(tmp_
         if time.monotonic() - opened < 15:  # held until their idle time is up
             assert not any(closed_by_server(s) for s in sockets[:2000:50])
         over = idle_sockets(port, 150)  # 2,150 open, over the cap of 2,100
-        refused_by = time.monotonic() + 5
-        while time.monotonic() < refused_by and sum(closed_by_server(s) for s in over) < 45:
-            time.sleep(0.1)  # the server accepts a backlog of connections, then closes those over the cap
-        assert sum(closed_by_server(s) for s in over) >= 45
+        # The server accepts a backlog of connections, then closes those over the cap.
+        wait_until(lambda: sum(closed_by_server(s) for s in over) >= 45, 5, 0.1, "connections over the cap closed")
         sockets += over
         sockets.append(slow)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not all(closed_by_server(s) for s in [*sockets[:2000:50], slow]):
+        def trickled_and_all_closed() -> bool:
             try:
-                slow.send(b"a")
+                slow.send(b"a")  # one more header byte
             except OSError:
                 pass  # closed by the server
-            time.sleep(0.2)
-        assert all(closed_by_server(s) for s in sockets[:2000:50]), "idle connections outlived --keepalive-timeout"
-        assert closed_by_server(slow), "a client trickling its headers outlived --keepalive-timeout"
+            return all(closed_by_server(s) for s in [*sockets[:2000:50], slow])
+
+        wait_until(trickled_and_all_closed, 30, 0.2, "idle and trickling connections closed after --keepalive-timeout")
         reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
         assert reply.choices
     finally:
