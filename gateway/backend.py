@@ -27,7 +27,9 @@ INFO_TTL_S = 30.0
 RESOLVE_EVERY_S = 5.0
 # How long start-up waits for the first replica to report SERVING before the gateway takes requests anyway.
 FIRST_HEALTH_WAIT_S = 5.0
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+# Answers a replica gives before it starts generating that another replica may not: not serving (starting,
+# draining), at capacity, or cancelling its calls as it shuts down.
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED)
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),

@@ -8,8 +8,9 @@
     ├── RateLimited              429 with Retry-After (per-key limits, service at capacity)
     └── Upstream                 5xx: the service is unavailable, timed out or failed
 
-`from_grpc` is the only place that decides what a gRPC status means for an HTTP client. Messages never
-carry internals: the service already writes its statuses for callers, and anything else is replaced.
+`from_grpc` is the only place that decides what a gRPC status means for an HTTP client: one table names every
+status code. Messages never carry internals: the service's message passes through only where the service marked
+its status as written for callers (a google.rpc.ErrorInfo in its domain); anything else is replaced.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import json
 import re
 
 import grpc
+
+from common.status import CLIENT_FACING_DOMAIN
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -142,26 +145,61 @@ def no_replica() -> Upstream:
     return Upstream(503, "the generation service is unavailable; retry shortly", code="service_unavailable", retry_after=1.0)
 
 
-def from_grpc(code: grpc.StatusCode, details: str | None, rich_status=None, param_alias: dict[str, str] | None = None) -> ApiError:
+# Every gRPC status code, what it means for an HTTP client: (HTTP status, OpenAI error code, retry, message).
+# A message of None passes the service's own message through, and only when the service marked it as written for
+# callers (`client_facing`); anything else gets the fixed message here, so no internal text reaches a client.
+_STATUS_TABLE: dict[grpc.StatusCode, tuple[int, str, bool, str | None]] = {
+    grpc.StatusCode.OK: (500, "internal_error", True, "the generation service ended the call without an answer"),
+    # What a service that is shutting down answers the calls it cancels: another replica (or a retry) can serve it.
+    grpc.StatusCode.CANCELLED: (503, "service_unavailable", True, "the generation service is restarting; retry shortly"),
+    grpc.StatusCode.UNKNOWN: (500, "internal_error", True, "the generation service failed"),
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error", False, None),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout", False, "the request timed out in the generation service"),
+    grpc.StatusCode.NOT_FOUND: (404, "model_not_found", False, None),
+    grpc.StatusCode.ALREADY_EXISTS: (409, "conflict", False, None),
+    # The gateway's own credentials are refused: an operator problem, not the caller's.
+    grpc.StatusCode.PERMISSION_DENIED: (502, "bad_gateway", False, "the gateway is not permitted by the generation service"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "server_overloaded", True, None),
+    grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error", False, None),
+    grpc.StatusCode.ABORTED: (409, "conflict", True, None),
+    grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_request_error", False, None),
+    grpc.StatusCode.UNIMPLEMENTED: (501, "not_implemented", False, "the generation service does not implement this call"),
+    grpc.StatusCode.INTERNAL: (500, "internal_error", True, None),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable", True, "the generation service is unavailable; retry shortly"),
+    grpc.StatusCode.DATA_LOSS: (500, "internal_error", True, "the generation service failed"),
+    grpc.StatusCode.UNAUTHENTICATED: (502, "bad_gateway", False, "the gateway is not authorized by the generation service"),
+}
+# Where the service's message is not client-facing, or not there: what the client reads instead, by HTTP status.
+_FALLBACK = {
+    400: "the generation service refused the request",
+    404: "the requested model is not served here",
+    409: "the request conflicted with another; retry",
+    429: "the generation service is at capacity; retry shortly",
+    500: "the generation service failed",
+}
+# Statuses whose retry waits a moment (Retry-After), as the OpenAI SDK honours it.
+_RETRY_AFTER_S = {429: 1.0, 503: 1.0}
+
+
+def from_grpc(
+    code: grpc.StatusCode,
+    details: str | None,
+    rich_status=None,
+    param_alias: dict[str, str] | None = None,
+    client_facing: bool = False,
+) -> ApiError:
     """The OpenAI error for a failed gRPC call. `param_alias` renames a field to what this client sent
-    (e.g. "max_completion_tokens" rather than "max_tokens")."""
-    message = details or "the generation service failed"
-    if code is grpc.StatusCode.INVALID_ARGUMENT:
+    (e.g. "max_completion_tokens" rather than "max_tokens"). The service's `details` reach the client only when
+    `client_facing` (the service marked its status so, see service/errors.py)."""
+    status, error_code, retry, fixed = _STATUS_TABLE[code]
+    message = fixed or (details if client_facing and details else _FALLBACK[status])
+    if status == 400:
         return BadRequest(message, param=_param(rich_status, param_alias or {}))
-    if code is grpc.StatusCode.NOT_FOUND:
+    if status == 404:
         return NotFound(message, param="model", code="model_not_found")
-    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return RateLimited(message, code="server_overloaded", retry_after=1.0, should_retry=True)
-    if code is grpc.StatusCode.UNAVAILABLE:
-        return Upstream(503, "the generation service is unavailable; retry shortly", code="service_unavailable", retry_after=1.0)
-    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-        return Upstream(504, "the request timed out in the generation service", code="timeout", retry=False)
-    if code is grpc.StatusCode.UNAUTHENTICATED:
-        # The gateway's own service token is wrong: an operator problem, not the caller's.
-        return Upstream(502, "the gateway is not authorized by the generation service", code="bad_gateway", retry=False)
-    if code is grpc.StatusCode.INTERNAL:
-        return Upstream(500, message, code="internal_error")
-    return Upstream(500, "the generation service failed", code="internal_error")
+    if status == 429:
+        return RateLimited(message, code=error_code, retry_after=_RETRY_AFTER_S[429], should_retry=True)
+    return Upstream(status, message, code=error_code, retry=retry, retry_after=_RETRY_AFTER_S.get(status))
 
 
 def from_rpc_error(error: grpc.aio.AioRpcError, param_alias: dict[str, str] | None = None) -> ApiError:
@@ -169,7 +207,21 @@ def from_rpc_error(error: grpc.aio.AioRpcError, param_alias: dict[str, str] | No
         rich = rpc_status.from_call(error)
     except Exception:  # a malformed or foreign status: fall back to code and message
         rich = None
-    return from_grpc(error.code(), error.details(), rich, param_alias)
+    return from_grpc(error.code(), error.details(), rich, param_alias, client_facing=is_client_facing(rich))
+
+
+def is_client_facing(rich_status) -> bool:
+    """Whether the service marked this status's message as written for callers (a google.rpc.ErrorInfo in its
+    domain). Statuses made by grpc itself, a proxy or a foreign server carry no such mark."""
+    if rich_status is None:
+        return False
+    for detail in rich_status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            if info.domain == CLIENT_FACING_DOMAIN:
+                return True
+    return False
 
 
 def _param(rich_status, alias: dict[str, str]) -> str | None:

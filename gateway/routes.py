@@ -313,6 +313,11 @@ async def _stream(request: web.Request, messages, encoder, n: int, started: floa
             log.warning("stream failed after it started: %s", e.message)
             await response.write(encoder.failed(e))
             return response
+        except Exception:
+            # A bug here: the client still hears the stream ended in failure, the log gets the traceback.
+            log.exception("stream failed after it started")
+            await response.write(encoder.failed(Upstream(500, "the gateway failed on this request", code="internal_error")))
+            return response
         await response.write(encoder.end(tally.usage))
     except ConnectionResetError:
         log.info("client went away mid-stream; cancelling the generation")

@@ -14,10 +14,14 @@ a status message.
 
 from __future__ import annotations
 
+import re
+
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
+from common.status import CLIENT_FACING_DOMAIN
 
 
 class ServiceError(Exception):
@@ -58,8 +62,12 @@ class EngineFailure(ServiceError):
 
 
 def to_status(error: ServiceError) -> grpc.Status:
-    """The rich gRPC status for an error: code, message and, for a bad field, a google.rpc.BadRequest detail."""
-    details = []
+    """The rich gRPC status for an error: code, message, an ErrorInfo marking the message as client-facing and,
+    for a bad field, a google.rpc.BadRequest detail."""
+    info = any_pb2.Any()
+    reason = re.sub(r"(?<!^)(?=[A-Z])", "_", type(error).__name__).upper()  # EngineFailure: ENGINE_FAILURE
+    info.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=CLIENT_FACING_DOMAIN))
+    details = [info]
     if isinstance(error, InvalidArgument):
         bad_request = error_details_pb2.BadRequest(
             field_violations=[
