@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
+from prometheus_client.core import GaugeMetricFamily
 
 # Buckets wide enough for a small model on a CPU (seconds per token) and a GPU (milliseconds).
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -61,8 +62,14 @@ class ServiceMetrics:
         self.generation_tokens.inc(completion)
         self.cached_tokens.inc(cached)
 
-    def bind_engine(self, stats: Callable[[], tuple[int, int]], alive: Callable[[], bool]) -> None:
+    def bind_engine(
+        self,
+        stats: Callable[[], tuple[int, int]],
+        alive: Callable[[], bool],
+        request_state: Callable[[], dict[str, int]] = dict,
+    ) -> None:
         """Gauges read from the engine at scrape time."""
+        self.registry.register(_RequestState(request_state))
         self.running.set_function(lambda: stats()[0])
         self.waiting.set_function(lambda: stats()[1])
         self.engine_alive.set_function(lambda: 1.0 if alive() else 0.0)
@@ -72,3 +79,26 @@ class ServiceMetrics:
             return self.cached_tokens._value.get() / prompt if prompt else 0.0
 
         self.cache_hit_ratio.set_function(ratio)
+
+
+class _RequestState:
+    """`chatserve_engine_request_state{kind}`: the per-request objects the pipeline and the engine hold, by kind
+    (open requests, result handlers, sampling plans, outputs stranded after a cancel, SGLang's request states).
+    Under load they follow the requests in flight; when idle every one is 0, and anything left is a leak."""
+
+    def __init__(self, read: Callable[[], dict[str, int]]) -> None:
+        self._read = read
+
+    def collect(self):
+        family = GaugeMetricFamily(
+            "chatserve_engine_request_state",
+            "Per-request objects held by the pipeline and the engine, by kind; all 0 when idle.",
+            labels=["kind"],
+        )
+        try:
+            state = self._read()
+        except Exception:  # a scrape must not fail because the engine is mid-shutdown
+            state = {}
+        for kind, count in sorted(state.items()):
+            family.add_metric([kind], count)
+        yield family

@@ -22,8 +22,10 @@ from prometheus_client import start_http_server
 from generate.v1 import generate_pb2, generate_pb2_grpc
 from service.admission import Admission
 from service.config import ServiceConfig
-from service.engines import Engine, create_engine
+from service.engines import Backend, create_engine
+from service.engines.tool_calls import tool_format
 from service.metrics import ServiceMetrics
+from service.pipeline import Pipeline
 from service.servicer import GenerateServicer, Pacing
 
 log = logging.getLogger(__name__)
@@ -40,9 +42,9 @@ class ExitCode(enum.IntEnum):
     ENGINE_DIED = 3  # the engine failed while serving; restart the process
 
 
-async def serve(config: ServiceConfig, engine: Engine | None = None) -> ExitCode:
+async def serve(config: ServiceConfig, backend: Backend | None = None) -> ExitCode:
     metrics = ServiceMetrics()
-    engine = engine or create_engine(config)
+    engine = Pipeline(backend or create_engine(config), tool_format(config.tool_parser))
     admission = Admission(config.max_inflight, config.max_queue, metrics)
     health_servicer = health.aio.HealthServicer()
 
@@ -118,13 +120,13 @@ async def serve(config: ServiceConfig, engine: Engine | None = None) -> ExitCode
             "max_output_tokens": str(info.max_output_tokens),
         }
     )
-    metrics.bind_engine(lambda: _stats(engine), engine.is_alive)
-    for collector in getattr(engine, "metrics_collectors", lambda: [])():
+    metrics.bind_engine(lambda: _stats(engine), engine.is_alive, engine.leftovers)
+    for collector in engine.metrics_collectors():
         metrics.registry.register(collector)
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving %s with the %s engine (context %d tokens)", info.name, info.engine, info.context_length)
 
-    if config.enable_fault_injection and hasattr(engine, "inject_fault"):
+    if config.enable_fault_injection:
         loop.add_signal_handler(signal.SIGUSR1, engine.inject_fault)
         log.warning("fault injection is enabled: SIGUSR1 crashes the engine")
     watch = asyncio.create_task(_watch_engine(engine, stop))
@@ -177,13 +179,13 @@ async def _set_health(servicer: health.aio.HealthServicer, status: int) -> None:
     await servicer.set(SERVICE_NAME, status)
 
 
-async def _watch_engine(engine: Engine, stop: asyncio.Event) -> None:
+async def _watch_engine(engine: Pipeline, stop: asyncio.Event) -> None:
     while engine.is_alive():
         await asyncio.sleep(ENGINE_WATCH_INTERVAL_S)
     stop.set()
 
 
-def _stats(engine: Engine) -> tuple[int, int]:
+def _stats(engine: Pipeline) -> tuple[int, int]:
     try:
         s = engine.stats()
     except Exception:  # a scrape must not fail because the engine is mid-shutdown

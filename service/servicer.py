@@ -1,7 +1,11 @@
-"""The gRPC servicer: protobuf in, domain request to the engine, domain outputs back out as protobuf.
+"""The gRPC servicer: protobuf in, domain request through the pipeline, domain outputs back out as protobuf.
+
+The error boundary is closed: a ServiceError becomes its status (service/errors.py); anything else raised below
+becomes INTERNAL with a fixed message, counted as outcome="error", with the traceback in the log only. Until the
+engine has started (and once it stops) every call is UNAVAILABLE, which callers retry.
 
 Cancellation is not polled: when the caller cancels or its deadline passes, grpc cancels this task, the
-`aclosing` block closes the engine's stream, and the engine aborts the request in its `finally`.
+`aclosing` block closes the pipeline's stream, and the pipeline aborts the request in the engine.
 """
 
 from __future__ import annotations
@@ -18,11 +22,11 @@ import grpc
 from common.logs import request_id_var, valid_request_id
 from generate.v1 import generate_pb2 as pb
 from generate.v1 import generate_pb2_grpc as pb_grpc
-from service import domain
+from service import domain, wire
 from service.admission import Admission
-from service.engines import Engine
-from service.errors import ModelNotFound, ServiceError, Unauthenticated, to_status
+from service.errors import EngineFailure, ModelNotFound, ServiceError, Unauthenticated, Unavailable, to_status
 from service.metrics import ServiceMetrics
+from service.pipeline import Pipeline
 
 log = logging.getLogger("service.requests")
 
@@ -54,7 +58,7 @@ class Pacing:
 class GenerateServicer(pb_grpc.GenerateServicer):
     def __init__(
         self,
-        engine: Engine,
+        engine: Pipeline,
         admission: Admission,
         metrics: ServiceMetrics,
         auth_token: str | None = None,
@@ -77,8 +81,9 @@ class GenerateServicer(pb_grpc.GenerateServicer):
         streamed = 0  # tokens sent so far: what a call that ends early has made the engine generate
         try:
             self._check_auth(context)
+            self._check_ready()
             self._check_model(request.model)
-            generate_request = domain.request_from_proto(request, request_id)
+            generate_request = wire.request_from_proto(request, request_id)
             async with self._admission.admit() as waited:
                 self._metrics.queue_time.observe(waited)
                 last = started
@@ -97,7 +102,7 @@ class GenerateServicer(pb_grpc.GenerateServicer):
                             last = now
                         if output.usage is not None:
                             usage = output.usage
-                        yield domain.output_to_proto(output)
+                        yield wire.output_to_proto(output)
                         if usage is None and (pause := self._pacing.pause(self._admission.inflight)):
                             await asyncio.sleep(pause)
         except ServiceError as e:
@@ -109,6 +114,12 @@ class GenerateServicer(pb_grpc.GenerateServicer):
             outcome = "cancelled"
             self._metrics.aborted.labels("deadline" if _deadline_passed(context) else "cancelled").inc()
             raise
+        except Exception:
+            # A bug below the boundary: the caller gets a fixed message, the log gets the traceback.
+            outcome = "error"
+            self._metrics.aborted.labels("engine_error").inc()
+            log.exception("generate failed unexpectedly")
+            await context.abort_with_status(to_status(INTERNAL_ERROR))
         finally:
             duration = time.perf_counter() - started
             self._metrics.requests.labels(outcome).inc()
@@ -133,22 +144,22 @@ class GenerateServicer(pb_grpc.GenerateServicer):
             )
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext):
-        try:
+        async with _boundary(context, "GetModelInfo"):
             self._check_auth(context)
-        except ServiceError as e:
-            await context.abort_with_status(to_status(e))
-        return domain.model_info_to_proto(self._engine.info)
+            self._check_ready()
+            return wire.model_info_to_proto(self._engine.info)
 
     async def CountTokens(self, request: pb.CountTokensRequest, context: grpc.aio.ServicerContext):
-        try:
+        async with _boundary(context, "CountTokens"):
             self._check_auth(context)
+            self._check_ready()
             self._check_model(request.model)
-            prompt = domain.input_from_proto(request.input)
-            domain.check_input_size(prompt, self._engine.info.context_length)
-            count = await asyncio.to_thread(self._engine.count_tokens, prompt)
-        except ServiceError as e:
-            await context.abort_with_status(to_status(e))
-        return pb.CountTokensResponse(prompt_tokens=count, context_length=self._engine.info.context_length)
+            count = await self._engine.count_tokens(wire.input_from_proto(request.input))
+            return pb.CountTokensResponse(prompt_tokens=count, context_length=self._engine.info.context_length)
+
+    def _check_ready(self) -> None:
+        if not self._engine.ready:
+            raise Unavailable("the engine is not serving yet (starting) or any more (stopping); retry shortly")
 
     def _check_model(self, model: str) -> None:
         served = self._engine.info.name
@@ -161,6 +172,22 @@ class GenerateServicer(pb_grpc.GenerateServicer):
         presented = (_metadata(context, "authorization") or "").encode()
         if not hmac.compare_digest(presented, self._auth):
             raise Unauthenticated("a valid service token is required in the authorization metadata")
+
+
+# What a caller sees for a failure the service did not foresee; the details are in the service's log.
+INTERNAL_ERROR = EngineFailure("the generation service failed on this request; it has been logged")
+
+
+@contextlib.asynccontextmanager
+async def _boundary(context: grpc.aio.ServicerContext, method: str):
+    """The error boundary of a unary call: ServiceErrors as their status, anything else as INTERNAL_ERROR."""
+    try:
+        yield
+    except ServiceError as e:
+        await context.abort_with_status(to_status(e))
+    except Exception:
+        log.exception("%s failed unexpectedly", method)
+        await context.abort_with_status(to_status(INTERNAL_ERROR))
 
 
 def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:

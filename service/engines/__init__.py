@@ -1,4 +1,4 @@
-"""Inference engines behind the service: one `Engine` protocol, one module per backend.
+"""Inference engines behind the service: one `Backend` protocol, one module per backend.
 
 This package is the only place that imports torch, transformers or sglang, and it imports each lazily, so
 the service starts without the packages of engines it does not run.
@@ -10,12 +10,12 @@ import importlib.util
 import logging
 from typing import TYPE_CHECKING
 
-from service.engines.base import Engine, EngineStats
+from service.engines.base import Backend, EngineStats
 
 if TYPE_CHECKING:
     from service.config import ServiceConfig
 
-__all__ = ["Engine", "EngineStats", "create_engine", "choose_engine"]
+__all__ = ["Backend", "EngineStats", "create_engine", "choose_engine"]
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def choose_engine(requested: str) -> str:
     return "transformers"
 
 
-def create_engine(config: ServiceConfig) -> Engine:
+def create_engine(config: ServiceConfig) -> Backend:
     kind = choose_engine(config.engine)
     if kind == "transformers":
         from service.engines.transformers_engine import TransformersEngine

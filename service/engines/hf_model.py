@@ -56,3 +56,42 @@ def _byte_decoder() -> dict[str, int]:
             chars.append(256 + extra)
             extra += 1
     return {chr(c): b for b, c in zip(byte_values, chars)}
+
+
+class HFCodec:
+    """A Hugging Face tokenizer as the pipeline's `Codec` (service/engines/base.py), shared by every engine that
+    serves a Hugging Face model folder: the same chat template, tokenization and detokenization everywhere."""
+
+    def __init__(self, tokenizer: Any, tool_format: Any = None) -> None:
+        from service.engines.prompt import PromptRenderer
+
+        self.tokenizer = tokenizer
+        self.renderer = PromptRenderer(tokenizer, tool_format)
+        self._token_text: dict[int, tuple[str, bytes]] = {}
+
+    def prompt_ids(self, input: Any) -> list[int]:
+        return self.renderer.token_ids(input)
+
+    def detokenizer(self, skip_special_tokens: bool, prompt_ids: list[int]):
+        from service.engines.text import IncrementalDetokenizer
+
+        return IncrementalDetokenizer(self.tokenizer, skip_special_tokens, prompt_ids).step
+
+    def token_repr(self, token: int) -> tuple[str, bytes]:
+        cached = self._token_text.get(token)
+        if cached is None:
+            raw = token_bytes(self.tokenizer, token)
+            cached = (raw.decode("utf-8", errors="replace"), raw)
+            self._token_text[token] = cached
+        return cached
+
+
+def eos_ids(generation_config: Any, tokenizer: Any) -> tuple[int, ...]:
+    """The model's end tokens: its generation config's (often several, e.g. Qwen's <|im_end|> and <|endoftext|>)
+    and the tokenizer's."""
+    ids: list[int] = []
+    for source in (generation_config.eos_token_id, tokenizer.eos_token_id):
+        for token in source if isinstance(source, list) else [source]:
+            if token is not None and token not in ids:
+                ids.append(int(token))
+    return tuple(ids)

@@ -7,11 +7,12 @@ real batch engine it advances every running sequence together, one step at a tim
 `--synthetic-tokens-per-step N` gives each stream N tokens per step, i.e. per output message, at the same rate:
 what a stream interval (several tokens per message) would save the stack.
 Production does not wait for the reader: a reader that falls behind gets everything produced since its last
-read merged into one output (as the transformers engine merges its queue), so nothing buffers without bound.
+read in one chunk.
 
-Every token is a 4-character word (" the", " and", ...) so a client can count tokens from text length alone.
-Prompt tokens are counted by a fixed rule (4 characters a token), stop strings and EOS do not exist here (every
-choice ends with `length`), and `cached_tokens` is always 0.
+A `Backend` (service/engines/base.py) like the real engines: its tokens go through the same pipeline. Every token
+is a 4-character word (" the", " and", ...) so a client can count tokens from text length alone. Prompt tokens are
+counted by a fixed rule (4 characters a token, `SyntheticCodec`), EOS does not exist here (a choice ends with
+`length` unless a stop string ends it), and `cached_tokens` is always 0.
 """
 
 from __future__ import annotations
@@ -27,22 +28,15 @@ from typing import TYPE_CHECKING
 
 from service.domain import (
     ChatInput,
-    ChoiceDelta,
     FinishReason,
-    GenerateOutput,
-    GenerateRequest,
     Input,
     ModelInfo,
+    ResolvedSampling,
     SamplingDefaults,
     TextInput,
     TokenInput,
-    TokenLogprob,
-    TopLogprob,
-    Usage,
-    resolve,
-    validate_request,
 )
-from service.engines.base import EngineStats
+from service.engines.base import ChoiceJob, EngineStats, RawLogprob, TokenChunk
 from service.errors import Unavailable
 
 if TYPE_CHECKING:
@@ -96,7 +90,6 @@ class _Stream:
     """One choice: what the engine produced and what its reader has taken. Counters only, so a slow reader
     costs no memory however far it falls behind."""
 
-    index: int
     max_tokens: int
     wake: asyncio.Event
     produced: int = 0
@@ -104,11 +97,12 @@ class _Stream:
     credit: float = 0.0
     # Not running yet: waiting out its synthetic time to first token.
     pending_first: bool = True
-    done: bool = False
     timer: asyncio.TimerHandle | None = field(default=None, repr=False)
 
 
 class SyntheticEngine:
+    name = NAME
+
     def __init__(self, config: ServiceConfig) -> None:
         per_stream = config.synthetic_tokens_per_s
         total = config.synthetic_total_tokens_per_s
@@ -123,7 +117,7 @@ class SyntheticEngine:
         self._ttft = config.synthetic_ttft_s
         self._step_tokens = config.synthetic_tokens_per_step
         context = config.context_length or DEFAULT_CONTEXT
-        self._info = ModelInfo(
+        self.info = ModelInfo(
             name=config.served_model_name or NAME,
             engine=NAME,
             context_length=context,
@@ -131,7 +125,9 @@ class SyntheticEngine:
             vocab_size=VOCAB_SIZE,
             created=int(time.time()),
         )
-        self._defaults = SamplingDefaults(max_tokens=DEFAULT_MAX_TOKENS)
+        self.defaults = SamplingDefaults(max_tokens=DEFAULT_MAX_TOKENS)
+        self.codec = SyntheticCodec()
+        self.end_ids: tuple[int, ...] = ()  # no end token: a choice ends at its length or a stop string
         self._running: set[_Stream] = set()
         self._pending = 0
         self._has_work: asyncio.Event | None = None
@@ -141,10 +137,6 @@ class SyntheticEngine:
         self.produced_tokens = 0
 
     # ------------------------------------------------------------------------------ lifecycle
-
-    @property
-    def info(self) -> ModelInfo:
-        return self._info
 
     async def start(self) -> None:
         log.warning(
@@ -172,9 +164,6 @@ class SyntheticEngine:
 
     def stats(self) -> EngineStats:
         return EngineStats(running=len(self._running), waiting=self._pending)
-
-    def count_tokens(self, input: Input) -> int:
-        return count_prompt_tokens(input)
 
     # ------------------------------------------------------------------------------ the step loop
 
@@ -242,67 +231,80 @@ class SyntheticEngine:
             self._pending -= 1
         self._running.discard(s)
 
-    # ------------------------------------------------------------------------------ requests
+    # ------------------------------------------------------------------------------ jobs
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
-        if not self.is_alive():
-            raise Unavailable("the engine is not running")
-        validate_request(request, self._info)
-        prompt_tokens = count_prompt_tokens(request.input)
-        sampling = resolve(request.sampling, self._defaults, prompt_tokens, self._info)
-        wake = asyncio.Event()
-        streams = [_Stream(i, sampling.max_tokens, wake) for i in range(request.n)]
-        loop = asyncio.get_running_loop()
-        for s in streams:
-            self._pending += 1
-            if self._ttft > 0:
-                s.timer = loop.call_later(self._ttft, self._admit, s)
-            else:
-                self._admit(s)
+    def refuse(self, sampling: ResolvedSampling) -> None:
+        """Sampling changes nothing here: every choice is the same placeholder text."""
+
+    def compile_grammar(self, spec: object) -> None:
+        """Grammars are not enforced: the placeholder text is what it is."""
+        return None
+
+    async def generate(self, job: ChoiceJob) -> AsyncIterator[TokenChunk]:
+        s = _Stream(job.sampling.max_tokens, asyncio.Event())
+        self._pending += 1
+        if self._ttft > 0:
+            s.timer = asyncio.get_running_loop().call_later(self._ttft, self._admit, s)
+        else:
+            self._admit(s)
         try:
-            live = len(streams)
-            while live:
-                await wake.wait()
-                wake.clear()
+            while True:
+                await s.wake.wait()
+                s.wake.clear()
                 if not self._alive:
                     raise Unavailable("the engine stopped")
-                deltas = []
-                for s in streams:
-                    if s.done or s.produced == s.delivered:
-                        continue
-                    deltas.append(self._delta(s, request.top_logprobs))
-                    if s.done:
-                        live -= 1
-                usage = None
-                if not live:
-                    usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=sum(s.delivered for s in streams))
-                if deltas:
-                    yield GenerateOutput(deltas, usage)
+                if s.produced == s.delivered:
+                    continue
+                positions = range(s.delivered, s.produced)
+                s.delivered = s.produced
+                done = s.delivered >= s.max_tokens
+                chunk = TokenChunk(
+                    token_ids=[token_id(p) for p in positions],
+                    finished=FinishReason.LENGTH if done else None,
+                    cached_tokens=0,
+                )
+                if job.top_logprobs is not None:
+                    chunk.logprobs = [_logprob(p, job.top_logprobs) for p in positions]
+                yield chunk
+                if done:
+                    return
         finally:
-            for s in streams:
-                self._drop(s)
+            self._drop(s)
 
-    def _delta(self, s: _Stream, top_logprobs: int | None) -> ChoiceDelta:
-        positions = range(s.delivered, s.produced)
-        s.delivered = s.produced
-        delta = ChoiceDelta(
-            index=s.index,
-            text="".join(token_text(p) for p in positions),
-            token_ids=[token_id(p) for p in positions],
-        )
-        if top_logprobs is not None:
-            delta.logprobs = [_logprob(p, top_logprobs) for p in positions]
-        if s.delivered >= s.max_tokens:
-            delta.finish_reason = FinishReason.LENGTH
-            s.done = True
-        return delta
+    def leftovers(self) -> dict[str, int]:
+        return {"running": len(self._running), "pending": self._pending}
+
+    def metrics_collectors(self) -> list:
+        return []
+
+    def inject_fault(self) -> None:
+        """Stop the step loop, as a crashed engine loop would."""
+        log.warning("fault injection: the synthetic engine's step loop stops")
+        if self._task is not None:
+            self._task.cancel()
 
 
-def _logprob(position: int, top: int) -> TokenLogprob:
-    text = token_text(position)
-    alternatives = [
-        TopLogprob(token_id=token_id(position + k), token=token_text(position + k), logprob=-float(k),
-                   token_bytes=token_text(position + k).encode())
-        for k in range(top)
-    ]
-    return TokenLogprob(token_id=token_id(position), token=text, logprob=0.0, token_bytes=text.encode(), top=alternatives)
+class SyntheticCodec:
+    """The `Codec` of a model that does not exist: prompts are counted by a fixed rule (`count_prompt_tokens`) and
+    every token id spells one word."""
+
+    def prompt_ids(self, input: Input) -> list[int]:
+        if isinstance(input, TokenInput):
+            return list(input.ids)
+        return [FIRST_TOKEN_ID] * count_prompt_tokens(input)
+
+    def detokenizer(self, skip_special_tokens: bool, prompt_ids: list[int]):
+        return self.text
+
+    def token_repr(self, token: int) -> tuple[str, bytes]:
+        text = self.text(token)
+        return text, text.encode()
+
+    @staticmethod
+    def text(token: int) -> str:
+        offset = token - FIRST_TOKEN_ID
+        return WORDS[offset] if 0 <= offset < len(WORDS) else ""
+
+
+def _logprob(position: int, top: int) -> RawLogprob:
+    return RawLogprob(0.0, [(token_id(position + k), -float(k)) for k in range(top)])

@@ -3,8 +3,9 @@
 No GPU exists where these run, so SGLang cannot generate here. What can be checked is checked against sglang's
 own code: the server arguments and sampling parameters we build go through its ServerArgs and
 SamplingParams (normalize, verify, and the msgpack round trip to its scheduler); the methods we call accept
-exactly what we pass; and the stream chunks fed to CumulativeToDelta and SGLangEngine.generate are made by
-sglang's own finish checks, detokenizer and tokenizer-manager accumulation (see pipeline.py).
+exactly what we pass; and the stream chunks fed to CumulativeToTokens and the request pipeline are made by
+sglang's own finish checks, detokenizer and tokenizer-manager accumulation (see pipeline.py here), and the text
+the pipeline decodes from their ids is SGLang's own text.
 
 Run with `make test-sglang`; skipped where sglang is not installed.
 """
@@ -38,12 +39,12 @@ from service.config import ServiceConfig
 from service.domain import FinishReason, GenerateRequest, ResolvedSampling, TextInput
 from service.domain import SamplingParams as RequestSampling
 from service.engines.default_model import prepared_path
-from service.engines.sglang_engine import (
-    CumulativeToDelta,
-    SGLangEngine,
-    engine_kwargs,
-    sampling_params,
-)
+from service.engines.base import ChoiceJob
+from service.engines.hf_model import HFCodec
+from service.engines.sglang_compat import CumulativeToTokens, engine_kwargs, sampling_params
+from service.engines.sglang_engine import SGLangEngine
+from service.engines.tool_calls import tool_format
+from service.pipeline import ChoiceDecoder, Pipeline
 from service.errors import InvalidArgument, Unavailable
 from tests.contract_sglang.pipeline import SimulatedRequest, sglang_tokenizer
 
@@ -164,7 +165,8 @@ SAMPLINGS = {
 @pytest.mark.parametrize("choice", [0, 3])
 @pytest.mark.parametrize("name", list(SAMPLINGS))
 def test_sampling_params_pass_sglang_checks(tokenizer, name, choice):
-    d = sampling_params(SAMPLINGS[name], choice)
+    s = SAMPLINGS[name]
+    d = sampling_params(s, None if s.seed is None else (s.seed + choice) % 2**63)
     # Exactly what TokenizerManager does with a request's dict (an unknown key is a TypeError).
     params = SamplingParams(**d)
     params.normalize(tokenizer)
@@ -179,7 +181,7 @@ def test_sampling_params_pass_sglang_checks(tokenizer, name, choice):
 
 def test_sampling_values_mean_what_we_mean(tokenizer):
     def normalized(s, choice=0):
-        p = SamplingParams(**sampling_params(s, choice))
+        p = SamplingParams(**sampling_params(s, None if s.seed is None else (s.seed + choice) % 2**63))
         p.normalize(tokenizer)
         return p
 
@@ -337,17 +339,27 @@ def split_bytes(tokenizer, char: str) -> list[int]:
     return tokenizer.convert_tokens_to_ids([to_char[b] for b in char.encode()])
 
 
-def drive(tokenizer, tokens, params, conv: CumulativeToDelta, **kwargs):
-    sim = SimulatedRequest(tokenizer, encode(tokenizer, "Tell me"), params, **kwargs)
+def drive(tokenizer, tokens, params, sampling: ResolvedSampling | None = None, want_logprobs=False, **kwargs):
+    """SGLang's own stream code makes the chunks; CumulativeToTokens and the pipeline's ChoiceDecoder read them.
+    Returns the deltas the caller would see, SGLang's last chunk, and the decoder."""
+    sampling = sampling or resolved()
+    codec = HFCodec(tokenizer)
+    prompt = encode(tokenizer, "Tell me")
+    job = ChoiceJob("c/0/x", 0, prompt, sampling, None, (tokenizer.eos_token_id, *sampling.stop_token_ids),
+                    2 if want_logprobs else None)
+    decoder = ChoiceDecoder(0, codec, sampling, job, want_logprobs)
+    conv = CumulativeToTokens(want_logprobs=want_logprobs)
+    sim = SimulatedRequest(tokenizer, prompt, params, **kwargs)
     deltas = []
     for token in tokens:
         chunk = sim.step(token)
         if chunk is not None:
-            delta = conv.feed(chunk)
+            out = conv.feed(chunk)
+            delta = decoder.feed(out) if out is not None else None
             if delta is not None:
                 deltas.append(delta)
         if sim.finished:
-            return deltas, chunk
+            return deltas, chunk, decoder
     raise AssertionError("the script ended before SGLang finished the request")
 
 
@@ -358,27 +370,26 @@ def test_split_characters_stream_whole_and_match_sglangs_text(tokenizer):
         + encode(tokenizer, " and")
         + split_bytes(tokenizer, " é")
     )
-    conv = CumulativeToDelta(0)
-    deltas, last = drive(tokenizer, tokens, {"max_new_tokens": len(tokens)}, conv)
+    deltas, last, decoder = drive(tokenizer, tokens, {"max_new_tokens": len(tokens)})
     assert "".join(d.text for d in deltas) == last["text"] == "Hi 🙂 and é"
     assert all("\ufffd" not in d.text for d in deltas)
     assert [t for d in deltas for t in d.token_ids] == tokens
     assert deltas[-1].finish_reason is FinishReason.LENGTH
-    assert conv.completion_tokens == len(tokens) and conv.prompt_tokens == len(encode(tokenizer, "Tell me"))
+    assert decoder.completion_tokens == len(tokens) == last["meta_info"]["completion_tokens"]
 
 
-def test_cut_inside_a_character_ends_with_sglangs_replacement_char(tokenizer):
+def test_a_cut_inside_a_character_is_left_out(tokenizer):
+    # SGLang's text ends with U+FFFD there; ours ends before the incomplete character, as the transformers engine's.
     tokens = encode(tokenizer, "Hi") + split_bytes(tokenizer, "🙂")[:2]
-    deltas, last = drive(tokenizer, tokens, {"max_new_tokens": len(tokens)}, CumulativeToDelta(0))
-    assert "".join(d.text for d in deltas) == last["text"] == "Hi\ufffd"
+    deltas, last, _ = drive(tokenizer, tokens, {"max_new_tokens": len(tokens)})
+    assert last["text"] == "Hi\ufffd" and "".join(d.text for d in deltas) == "Hi"
 
 
 @pytest.mark.parametrize("stop", ["END", " and the", "🙂"])
-def test_stop_strings_are_trimmed_and_never_streamed(tokenizer, stop):
+def test_stop_strings_end_where_sglangs_do_and_never_stream(tokenizer, stop):
     text = "Hello there, and the END is near 🙂 ok"
     tokens = encode(tokenizer, text)
-    conv = CumulativeToDelta(0, stops=(stop,))
-    deltas, last = drive(tokenizer, tokens, {"max_new_tokens": 64, "stop": [stop]}, conv)
+    deltas, last, _ = drive(tokenizer, tokens, {"max_new_tokens": 64, "stop": [stop]}, resolved(stop=(stop,)))
     sent = "".join(d.text for d in deltas)
     assert sent == last["text"] == text[: text.index(stop)]
     assert deltas[-1].finish_reason is FinishReason.STOP and deltas[-1].stop_string == stop
@@ -386,48 +397,47 @@ def test_stop_strings_are_trimmed_and_never_streamed(tokenizer, stop):
 
 def test_eos_and_stop_tokens(tokenizer):
     eos = tokenizer.eos_token_id
-    conv = CumulativeToDelta(0, want_logprobs=True)
-    deltas, last = drive(
-        tokenizer, encode(tokenizer, "Yes.") + [eos], {"max_new_tokens": 8}, conv, return_logprob=True
+    deltas, last, decoder = drive(
+        tokenizer, encode(tokenizer, "Yes.") + [eos], {"max_new_tokens": 8}, want_logprobs=True,
+        return_logprob=True, top_logprobs_num=2,
     )
     assert last["output_ids"][-1] == eos  # SGLang's ids end with the EOS; ours do not
     assert eos not in [t for d in deltas for t in d.token_ids]
     assert len([lp for d in deltas for lp in d.logprobs]) == len(encode(tokenizer, "Yes."))
     assert (deltas[-1].finish_reason, deltas[-1].stop_token_id) == (FinishReason.STOP, None)
-    assert conv.completion_tokens == len(encode(tokenizer, "Yes.")) + 1
+    assert decoder.completion_tokens == len(encode(tokenizer, "Yes.")) + 1
 
     stop_id = encode(tokenizer, "!")[0]
-    params = sampling_params(resolved(stop_token_ids=(stop_id,)))
-    conv = CumulativeToDelta(0, stop_token_ids=frozenset({stop_id}))
-    deltas, last = drive(tokenizer, encode(tokenizer, "Go") + [stop_id], params, conv)
+    sampling = resolved(stop_token_ids=(stop_id,))
+    deltas, last, _ = drive(tokenizer, encode(tokenizer, "Go") + [stop_id], sampling_params(sampling), sampling)
     assert "".join(d.text for d in deltas) == last["text"] == "Go"
     assert deltas[-1].stop_token_id == stop_id
 
 
 def test_logprob_shapes(tokenizer):
     tokens = encode(tokenizer, "one two three")
-    conv = CumulativeToDelta(0, want_logprobs=True, token_repr=lambda t: (tokenizer.decode([t]), b""))
+    conv = CumulativeToTokens(want_logprobs=True)
     sim = SimulatedRequest(
         tokenizer, [1, 2], {"max_new_tokens": len(tokens)}, return_logprob=True, top_logprobs_num=2
     )
-    deltas = []
+    chunks = []
     for i, token in enumerate(tokens):
         chunk = sim.step(token, logprob=-0.1 * i, top=[(-0.1 * i, token), (-5.0, 0)])
-        deltas.append(conv.feed(chunk))
-    lps = [lp for d in deltas for lp in d.logprobs]
-    assert [lp.token_id for lp in lps] == tokens
+        chunks.append(conv.feed(chunk))
+    ids = [t for c in chunks for t in c.token_ids]
+    lps = [lp for c in chunks for lp in c.logprobs]
+    assert ids == tokens
     assert [round(lp.logprob, 6) for lp in lps] == [round(-0.1 * i, 6) for i in range(len(tokens))]
-    assert [[t.token_id for t in lp.top] for lp in lps] == [[t, 0] for t in tokens]
-    assert lps[1].token == tokenizer.decode([tokens[1]])
+    assert [[t for t, _ in lp.top] for lp in lps] == [[t, 0] for t in tokens]
 
 
 def test_abort_chunks(tokenizer):
     sim = SimulatedRequest(tokenizer, [1, 2], {"max_new_tokens": 8})
-    conv = CumulativeToDelta(0)
+    conv = CumulativeToTokens()
     conv.feed(sim.step(encode(tokenizer, "Hi")[0]))
     with pytest.raises(InvalidArgument):
         conv.feed(sim.abort("The input is too long for the KV cache", 400))
-    conv = CumulativeToDelta(0)
+    conv = CumulativeToTokens()
     with pytest.raises(Unavailable):
         conv.feed(SimulatedRequest(tokenizer, [1, 2], {"max_new_tokens": 8}).abort("busy", 503))
 
@@ -506,12 +516,13 @@ async def test_generate_through_sglangs_own_stream_code(tokenizer):
         return encode(tokenizer, answers[int(rid.split("/")[1])])
 
     fakes = []
-    engine = SGLangEngine(
+    config = ServiceConfig(model=str(MODEL), engine="sglang", device="cuda",
+                           sglang_args=(("enable_deterministic_inference", True),))
+    engine = Pipeline(
         # cuda: the simulated engine needs none of the CPU preparation; the seed is honoured only in SGLang's
         # deterministic mode (otherwise refused, see test_a_seed_sglang_would_ignore_is_refused_naming_the_field).
-        ServiceConfig(model=str(MODEL), engine="sglang", device="cuda",
-                      sglang_args=(("enable_deterministic_inference", True),)),
-        engine_factory=lambda **kw: fakes.append(SimulatedEngine(script, **kw)) or fakes[-1],
+        SGLangEngine(config, engine_factory=lambda **kw: fakes.append(SimulatedEngine(script, **kw)) or fakes[-1]),
+        tool_format(config.tool_parser),
     )
     await engine.start()
     request = GenerateRequest(
@@ -535,7 +546,7 @@ async def test_generate_through_sglangs_own_stream_code(tokenizer):
     calls = [c for c in fakes[0].calls if not c["rid"].startswith("warmup/")]
     assert [c["sampling_params"]["sampling_seed"] for c in calls] == [3, 4]
     usage = outputs[-1].usage
-    assert usage.prompt_tokens == engine.count_tokens(request.input)
+    assert usage.prompt_tokens == await engine.count_tokens(request.input)
     assert usage.cached_tokens == usage.prompt_tokens // 2
     assert fakes[0].aborted == []
     await engine.stop()
@@ -619,14 +630,14 @@ def test_sglangs_matcher_accepts_the_call_our_parser_reads(tokenizer, grammar_ba
 
 
 def test_schemas_sglang_refuses_are_refused_naming_the_field():
-    from service.engines.sglang_engine import _check_schema_with_sglang
+    from service.engines.sglang_compat import check_schema_with_sglang
     from service.engines.grammar import GrammarSpec
 
     # multipleOf: our XGrammar enforces it, but SGLang refuses it for every 0.2.x release; so does the engine.
     with pytest.raises(InvalidArgument) as caught:
-        _check_schema_with_sglang(GrammarSpec("json_schema", '{"type": "integer", "multipleOf": 5}', "constraint.json_schema"))
+        check_schema_with_sglang(GrammarSpec("json_schema", '{"type": "integer", "multipleOf": 5}', "constraint.json_schema"))
     assert caught.value.field == "constraint.json_schema"
-    _check_schema_with_sglang(grammar_for(GRAMMARS["json_schema"], HermesFormat()))
+    check_schema_with_sglang(grammar_for(GRAMMARS["json_schema"], HermesFormat()))
 
 
 async def test_tool_calls_through_sglangs_own_stream_code(tokenizer):
@@ -638,9 +649,10 @@ async def test_tool_calls_through_sglangs_own_stream_code(tokenizer):
         return encode(tokenizer, call) + [tokenizer.eos_token_id]
 
     fakes = []
-    engine = SGLangEngine(
-        ServiceConfig(model=str(MODEL), engine="sglang", device="cuda"),
-        engine_factory=lambda **kw: fakes.append(SimulatedEngine(script, **kw)) or fakes[-1],
+    config = ServiceConfig(model=str(MODEL), engine="sglang", device="cuda")
+    engine = Pipeline(
+        SGLangEngine(config, engine_factory=lambda **kw: fakes.append(SimulatedEngine(script, **kw)) or fakes[-1]),
+        tool_format(config.tool_parser),
     )
     await engine.start()
     outputs = [o async for o in engine.generate(GRAMMARS["tools-named"])]

@@ -3,7 +3,7 @@
 import pytest
 
 from generate.v1 import generate_pb2 as pb
-from service import domain
+from service import domain, wire
 from service.domain import (
     ChatInput, ChoiceDelta, Constraint, FinishReason, GenerateOutput, GenerateRequest, Message, ModelInfo,
     SamplingDefaults, SamplingParams, TextInput, Tool, ToolCall, ToolChoice, Usage,
@@ -60,11 +60,11 @@ def test_resolve_fits_the_context_window():
 
 def test_request_from_proto_keeps_unset_apart_from_zero():
     message = pb.GenerateRequest(input=pb.Input(text="hi"), sampling=pb.SamplingParams(temperature=0.0))
-    request = domain.request_from_proto(message, "rid")
+    request = wire.request_from_proto(message, "rid")
     assert request.sampling.temperature == 0.0 and request.sampling.top_p is None
     assert request.n == 1 and request.top_logprobs is None and request.sampling.skip_special_tokens
     chat = pb.Input(chat=pb.Chat(messages=[pb.ChatMessage(role="user", content=[pb.ContentPart(text="a"), pb.ContentPart(text="b")])]))
-    parsed = domain.input_from_proto(chat)
+    parsed = wire.input_from_proto(chat)
     assert parsed.messages[0].content == "a\nb" and parsed.add_generation_prompt
 
 
@@ -73,7 +73,7 @@ def test_output_to_proto():
         [ChoiceDelta(index=1, text="x", token_ids=[3], finish_reason=FinishReason.STOP, stop_string="END")],
         Usage(prompt_tokens=4, completion_tokens=2, cached_tokens=1),
     )
-    message = domain.output_to_proto(output)
+    message = wire.output_to_proto(output)
     assert message.choices[0].stop_string == "END" and message.choices[0].finish_reason == pb.FINISH_REASON_STOP
     assert message.usage.cached_tokens == 1
 
@@ -149,18 +149,18 @@ def test_constraint_tools_and_tool_calls_from_proto():
         )),
         constraint=pb.Constraint(regex="[a-z]+"),
     )
-    request = domain.request_from_proto(message, "rid")
+    request = wire.request_from_proto(message, "rid")
     assert request.constraint == Constraint("regex", "[a-z]+")
     chat_input = request.input
     assert chat_input.tools == (Tool("f", "d", '{"type": "object"}'),) and chat_input.tool_choice == ToolChoice("required")
     assert not chat_input.parallel_tool_calls
     assert chat_input.messages[0].tool_calls == (ToolCall("c1", "f", "{}"),) and chat_input.messages[1].tool_call_id == "c1"
-    default = domain.request_from_proto(pb.GenerateRequest(input=pb.Input(chat=pb.Chat(messages=[]))), "rid")
+    default = wire.request_from_proto(pb.GenerateRequest(input=pb.Input(chat=pb.Chat(messages=[]))), "rid")
     assert default.constraint is None and default.input.tool_choice == ToolChoice("auto") and default.input.parallel_tool_calls
     json_object = pb.GenerateRequest(input=pb.Input(text="x"), constraint=pb.Constraint(json_object=pb.JsonObject()))
-    assert domain.request_from_proto(json_object, "rid").constraint == Constraint("json_object", "")
+    assert wire.request_from_proto(json_object, "rid").constraint == Constraint("json_object", "")
     named = pb.Chat(tool_choice=pb.ToolChoice(function="f"))
-    assert domain.input_from_proto(pb.Input(chat=named)).tool_choice == ToolChoice("function", "f")
+    assert wire.input_from_proto(pb.Input(chat=named)).tool_choice == ToolChoice("function", "f")
 
 
 def test_tool_call_deltas_to_proto_and_merge():
@@ -170,7 +170,7 @@ def test_tool_call_deltas_to_proto_and_merge():
     a.merge(ChoiceDelta(index=0, tool_calls=[ToolCallDelta(0, arguments=": 1}"), ToolCallDelta(1, id="call_y", name="g")],
                         finish_reason=FinishReason.TOOL_CALLS))
     assert [(t.index, t.id, t.arguments) for t in a.tool_calls] == [(0, "call_x", ""), (0, None, '{"a": 1}'), (1, "call_y", "")]
-    message = domain.output_to_proto(GenerateOutput([a]))
+    message = wire.output_to_proto(GenerateOutput([a]))
     assert message.choices[0].finish_reason == pb.FINISH_REASON_TOOL_CALLS
     assert message.choices[0].tool_calls[0] == pb.ToolCallDelta(index=0, id="call_x", name="f")
     assert message.choices[0].tool_calls[1].arguments == '{"a": 1}'

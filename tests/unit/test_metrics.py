@@ -3,7 +3,7 @@
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 from gateway.metrics import GatewayMetrics
-from service.engines.sglang_engine import PrefixCollector
+from service.engines.sglang_compat import PrefixCollector
 from service.metrics import ServiceMetrics
 
 

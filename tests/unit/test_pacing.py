@@ -14,6 +14,8 @@ from service.admission import Admission
 from service.config import ServiceConfig
 from service.engines.synthetic import SyntheticEngine
 from service.metrics import ServiceMetrics
+from service.engines.tool_calls import HermesFormat
+from service.pipeline import Pipeline
 from service.servicer import GenerateServicer, Pacing
 
 
@@ -27,7 +29,7 @@ def test_pause_applies_only_from_the_stream_threshold():
 
 async def _messages(pacing: Pacing, max_tokens: int, rate: float = 400) -> list[int]:
     """Tokens per message of one stream of `max_tokens` tokens."""
-    engine = SyntheticEngine(ServiceConfig(engine="synthetic", synthetic_tokens_per_s=rate))
+    engine = Pipeline(SyntheticEngine(ServiceConfig(engine="synthetic", synthetic_tokens_per_s=rate)), HermesFormat())
     await engine.start()
     metrics = ServiceMetrics()
     server = grpc.aio.server()

@@ -3,7 +3,7 @@
 import pytest
 
 from service.config import ServiceConfig, parse_args
-from service.engines.sglang_engine import engine_kwargs
+from service.engines.sglang_compat import engine_kwargs
 
 
 def test_multi_node_arguments_reach_sglang_on_rank_zero():

@@ -1,5 +1,6 @@
-"""The SGLang engine's pure parts, without sglang installed: cumulative chunks to deltas, finish reasons,
-usage, the sampling and server-argument mappings, and `SGLangEngine.generate` driven by a stand-in engine.
+"""The SGLang engine's pure parts, without sglang installed: cumulative chunks to new tokens, finish reasons,
+the sampling and server-argument mappings, and the SGLang backend behind the request pipeline, driven by a
+stand-in engine.
 
 The chunks here follow SGLang 0.5.23's streaming shape (read from its tokenizer_manager.py): cumulative
 `text`, `output_ids` as a live list that grows after it was handed out, `meta_info` with `finish_reason` None
@@ -9,8 +10,8 @@ until the end. tests/contract_sglang/ checks the same code against chunks produc
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
-import random
 import signal
 from types import MappingProxyType
 
@@ -27,14 +28,11 @@ from service.domain import (
     TextInput,
 )
 from service.engines.default_model import prepared_path
-from service.engines.sglang_engine import (
-    CumulativeToDelta,
-    SGLangEngine,
-    abort_error,
-    engine_kwargs,
-    sampling_params,
-)
+from service.engines.sglang_compat import CumulativeToTokens, abort_error, engine_kwargs, sampling_params
+from service.engines.sglang_engine import SGLangEngine
+from service.engines.tool_calls import tool_format
 from service.errors import EngineFailure, InvalidArgument, Overloaded, Unavailable
+from service.pipeline import Pipeline
 
 EOS = 2
 
@@ -74,161 +72,67 @@ class Stream:
         return self.chunk(text, ids, finish)
 
 
-def run(conv: CumulativeToDelta, chunks):
+# ---------------------------------------------------------------------------------------------- chunks to tokens
+
+
+def run(conv: CumulativeToTokens, chunks):
     """Makes and feeds one chunk at a time, as the engine reads them: SGLang's live id list grows after."""
-    deltas = [d for d in (conv.feed(make()) for make in chunks) if d is not None]
-    return deltas, "".join(d.text for d in deltas), [t for d in deltas for t in d.token_ids]
+    return [c for c in (conv.feed(make()) for make in chunks) if c is not None]
 
 
-def token_repr(token: int) -> tuple[str, bytes]:
-    return f"<{token}>", f"<{token}>".encode()
-
-
-# ---------------------------------------------------------------------------------------------- deltas
-
-
-def test_cumulative_chunks_become_deltas_and_live_ids_are_copied():
+def test_cumulative_chunks_become_new_tokens_and_live_ids_are_copied():
     s = Stream()
-    conv = CumulativeToDelta(0)
+    conv = CumulativeToTokens()
     first = conv.feed(s.chunk("Hello", [10]))
-    # SGLang keeps appending to the list it handed out; the delta must not see that.
+    # SGLang keeps appending to the list it handed out; the chunk must not see that.
     live = s.ids
     second = conv.feed(s.chunk(" world", [11, 12]))
     assert live is s.ids and live == [10, 11, 12]
-    assert (first.text, first.token_ids) == ("Hello", [10])
-    assert (second.text, second.token_ids) == (" world", [11, 12])
+    assert (first.token_ids, first.finished, first.cached_tokens) == ([10], None, 0)
+    assert second.token_ids == [11, 12]
     last = conv.feed(s.chunk("!", [13], {"type": "length", "length": 4}))
-    assert (last.text, last.token_ids, last.finish_reason) == ("!", [13], FinishReason.LENGTH)
-    assert conv.done and conv.completion_tokens == 4 and conv.prompt_tokens == 7
-    assert conv.feed(s.chunk("more", [14])) is None
+    assert (last.token_ids, last.finished) == ([13], FinishReason.LENGTH)
+    assert conv.done and conv.feed(s.chunk("more", [14])) is None
 
 
-def test_incomplete_utf8_tail_is_held_until_replaced():
+def test_the_end_token_sglang_stopped_on_stays_in_the_ids():
     s = Stream()
-    conv = CumulativeToDelta(0)
-    chunks = (
-        lambda: s.set_text("Hi \ufffd", [1]),  # the first byte of a 4-byte character
-        lambda: s.set_text("Hi \ufffd\ufffd", [2]),
-        lambda: s.set_text("Hi 🙂", [3]),  # the character is complete: the tail changed
-        lambda: s.set_text("Hi 🙂 ok", [4], {"type": "stop", "matched": EOS}),
-    )
-    deltas, text, ids = run(conv, chunks)
-    assert [d.text for d in deltas] == ["Hi ", "", "🙂", " ok"]
-    assert ids == [1, 2, 3, 4]
+    (a, b) = run(CumulativeToTokens(), [lambda: s.chunk("a", [5]), lambda: s.chunk("", [EOS], {"type": "stop", "matched": EOS})])
+    assert (a.token_ids, b.token_ids, b.finished) == ([5], [EOS], FinishReason.STOP)
 
 
-def test_generation_cut_inside_a_character_keeps_the_replacement_char_at_the_end():
-    s = Stream()
-    conv = CumulativeToDelta(0)
-    _, text, _ = run(
-        conv,
-        [
-            lambda: s.set_text("a\ufffd", [1]),
-            lambda: s.set_text("a\ufffd", [2], {"type": "length", "length": 2}),
-        ],
-    )
-    assert text == "a\ufffd"
-
-
-def test_stop_string_prefix_is_held_and_the_stop_never_streams():
-    s = Stream()
-    conv = CumulativeToDelta(0, stops=("END",))
-    deltas, text, ids = run(
-        conv,
-        [
-            lambda: s.chunk("Hello E", [1, 2]),
-            lambda: s.chunk("N", [3]),
-            # SGLang's last chunk: the stop string trimmed off, the stop's tokens still in output_ids.
-            lambda: s.set_text("Hello ", [4], {"type": "stop", "matched": "END"}),
-        ],
-    )
-    assert text == "Hello "
-    assert ids == [1, 2, 3, 4]
-    assert deltas[-1].finish_reason is FinishReason.STOP and deltas[-1].stop_string == "END"
-    assert all("E" not in d.text for d in deltas)
-
-
-def test_held_stop_prefix_is_released_when_it_turns_out_not_to_be_one():
-    s = Stream()
-    conv = CumulativeToDelta(0, stops=("END",))
-    first = conv.feed(s.chunk("an E", [1]))
-    second = conv.feed(s.chunk("ND? no, E", [2]))
-    third = conv.feed(s.chunk("Xit", [3], {"type": "length", "length": 3}))
-    # "END" inside a non-final chunk: SGLang did not stop there (min_tokens), so it is text.
-    assert first.text == "an "
-    assert second.text == "END? no, "
-    assert third.text == "EXit"
-
-
-def test_stop_string_left_untrimmed_is_still_cut():
-    s = Stream()
-    conv = CumulativeToDelta(0, stops=("###",))
-    _, text, _ = run(
-        conv, [lambda: s.chunk("a", [1]), lambda: s.chunk("b###c", [2], {"type": "stop", "matched": "###"})]
-    )
-    assert text == "ab"
-
-
-def test_eos_ends_the_choice_without_being_output():
-    s = Stream()
-    conv = CumulativeToDelta(0, stop_token_ids=frozenset({50}), want_logprobs=True, token_repr=token_repr)
-    deltas, text, ids = run(
-        conv,
-        [
-            lambda: s.chunk("a", [5], logprobs=True),
-            lambda: s.chunk("", [EOS], {"type": "stop", "matched": EOS}, logprobs=True),
-        ],
-    )
-    last = deltas[-1]
-    assert (last.finish_reason, last.stop_string, last.stop_token_id) == (FinishReason.STOP, None, None)
-    assert ids == [5]
-    assert [lp.token_id for d in deltas for lp in d.logprobs] == [5]
-    assert conv.completion_tokens == 2  # the EOS counts, as with the transformers engine
-
-
-def test_requested_stop_token_is_reported():
-    s = Stream()
-    conv = CumulativeToDelta(0, stop_token_ids=frozenset({50}))
-    deltas, _, ids = run(
-        conv, [lambda: s.chunk("a", [5]), lambda: s.chunk("", [50], {"type": "stop", "matched": 50})]
-    )
-    assert deltas[-1].stop_token_id == 50 and ids == [5]
-
-
-def test_a_stop_sglang_made_up_is_a_plain_stop():
+@pytest.mark.parametrize("matched", ["END", "NaN happened", 50, None])
+def test_every_sglang_stop_is_a_stop(matched):
     # SGLang finishes a request whose logits went NaN with FINISH_MATCHED_STR("NaN happened").
     s = Stream()
-    conv = CumulativeToDelta(0, stops=("END",))
-    (delta,) = run(conv, [lambda: s.chunk("x", [1], {"type": "stop", "matched": "NaN happened"})])[0]
-    assert (delta.finish_reason, delta.stop_string, delta.stop_token_id) == (FinishReason.STOP, None, None)
+    (chunk,) = run(CumulativeToTokens(), [lambda: s.chunk("x", [1], {"type": "stop", "matched": matched})])
+    assert chunk.finished is FinishReason.STOP
 
 
 def test_logprobs_follow_the_ids_and_keep_sglang_tuple_order():
     s = Stream()
-    conv = CumulativeToDelta(0, want_logprobs=True, token_repr=token_repr)
-    deltas, _, _ = run(
-        conv,
+    chunks = run(
+        CumulativeToTokens(want_logprobs=True),
         [
             lambda: s.chunk("ab", [3, 4], logprobs=True),
             lambda: s.chunk("c", [5], {"type": "length", "length": 3}, logprobs=True),
         ],
     )
-    lps = [lp for d in deltas for lp in d.logprobs]
-    assert [(lp.token_id, lp.logprob, lp.token, lp.token_bytes) for lp in lps] == [
-        (3, -0.75, "<3>", b"<3>"),
-        (4, -1.0, "<4>", b"<4>"),
-        (5, -1.25, "<5>", b"<5>"),
-    ]
-    assert [(t.token_id, t.logprob) for t in lps[0].top] == [(3, -0.75), (99, -9.0)]
+    lps = [lp for c in chunks for lp in c.logprobs]
+    assert [lp.logprob for lp in lps] == [-0.75, -1.0, -1.25]
+    assert lps[0].top == [(3, -0.75), (99, -9.0)]
+    assert [t for c in chunks for t in c.token_ids] == [3, 4, 5]
 
 
 def test_ids_wait_for_their_logprobs():
     s = Stream()
-    conv = CumulativeToDelta(0, want_logprobs=True, token_repr=token_repr)
+    conv = CumulativeToTokens(want_logprobs=True)
     chunk = s.chunk("ab", [3, 4], logprobs=True)
     chunk["meta_info"]["output_token_logprobs"] = chunk["meta_info"]["output_token_logprobs"][:1]
-    delta = conv.feed(chunk)
-    assert delta.token_ids == [3] and len(delta.logprobs) == 1
+    out = conv.feed(chunk)
+    assert out.token_ids == [3] and len(out.logprobs) == 1
+    rest = conv.feed(s.chunk("", [], logprobs=True))
+    assert rest.token_ids == [4] and len(rest.logprobs) == 1
 
 
 @pytest.mark.parametrize(
@@ -243,7 +147,7 @@ def test_ids_wait_for_their_logprobs():
 )
 def test_abort_chunks_without_token_counts_raise_by_status(status, error):
     s = Stream()
-    conv = CumulativeToDelta(0)
+    conv = CumulativeToTokens()
     conv.feed(s.chunk("a", [1]))
     # _handle_abort_req's chunk: no prompt_tokens or cached_tokens in meta_info.
     abort = {
@@ -268,35 +172,6 @@ def test_abort_error_reads_http_status_enums():
     from http import HTTPStatus
 
     assert isinstance(abort_error({"type": "abort", "status_code": HTTPStatus.BAD_REQUEST}), InvalidArgument)
-
-
-def test_usage_fields_come_from_meta_info():
-    s = Stream(prompt_tokens=12, cached_tokens=8)
-    conv = CumulativeToDelta(0)
-    run(conv, [lambda: s.chunk("a", [1]), lambda: s.chunk("b", [2], {"type": "length", "length": 2})])
-    assert (conv.prompt_tokens, conv.completion_tokens, conv.cached_tokens) == (12, 2, 8)
-
-
-def test_random_chunking_never_takes_text_back():
-    rng = random.Random(7)
-    final = "Grüße 🙂, 東京 END-ish and ENDING; done"
-    stops = ("ENDx", "; d0")
-    for _ in range(200):
-        s = Stream()
-        conv = CumulativeToDelta(0, stops=stops)
-        cuts = sorted(rng.sample(range(1, len(final)), 6))
-        sent = ""
-        for cut in cuts:
-            shown = final[:cut]
-            if rng.random() < 0.3 and ord(shown[-1]) > 127:
-                shown = shown[:-1] + "\ufffd"  # that character's bytes are incomplete so far
-            d = conv.feed(s.set_text(shown, [cut]))
-            if d is not None:
-                sent += d.text
-            assert final.startswith(sent)
-        d = conv.feed(s.set_text(final, [len(final)], {"type": "length", "length": 9}))
-        sent += d.text
-        assert sent == final
 
 
 # ---------------------------------------------------------------------------------------------- mappings
@@ -325,7 +200,7 @@ def resolved(**overrides) -> ResolvedSampling:
 
 
 def test_sampling_params_maps_every_field_in_sglang_keys():
-    p = sampling_params(resolved(), choice=1)
+    p = sampling_params(resolved(), seed=42)
     assert p == {
         "max_new_tokens": 16,
         "min_new_tokens": 2,
@@ -359,14 +234,17 @@ def test_sampling_params_defaults_and_edges():
         None,
         40,
     )
-    assert sampling_params(resolved(seed=2**63 - 1), choice=1)["sampling_seed"] == 0
+    # The choice's seed is the pipeline's (the request's + the index, within int64); it is passed as given.
+    assert sampling_params(resolved(seed=2**63 - 1), seed=0)["sampling_seed"] == 0
     assert "seed" not in p and "n" not in p
 
 
 def test_ignore_eos_with_stop_token_ids_is_refused():
+    backend = SGLangEngine(ServiceConfig(engine="sglang", sglang_args=(("enable_deterministic_inference", True),)))
     with pytest.raises(InvalidArgument) as raised:
-        sampling_params(resolved(ignore_eos=True))
+        backend.refuse(resolved(ignore_eos=True))
     assert raised.value.field == "sampling.stop_token_ids"
+    backend.refuse(resolved(ignore_eos=True, stop_token_ids=()))
     assert sampling_params(resolved(ignore_eos=True, stop_token_ids=()))["ignore_eos"] is True
 
 
@@ -469,8 +347,8 @@ class FakeSGLangEngine:
     @staticmethod
     async def default_script(call):
         s = Stream(prompt_tokens=len(call["input_ids"]), cached_tokens=3)
-        yield s.chunk("Hi", [100])
-        yield s.chunk(" there", [101, EOS], {"type": "stop", "matched": EOS})
+        yield s.chunk("Hi", ids("Hi"))
+        yield s.chunk(" there", [*ids(" there"), EOS], {"type": "stop", "matched": EOS})
 
     async def async_generate(
         self,
@@ -512,7 +390,19 @@ class FakeSGLangEngine:
         return []
 
 
-async def started(script=None, **settings) -> tuple[SGLangEngine, FakeSGLangEngine]:
+def ids(text: str) -> list[int]:
+    """The token ids of `text` in the real tokenizer: the pipeline detokenizes what SGLang streams."""
+    return _tokenizer().encode(text, add_special_tokens=False)
+
+
+@functools.cache
+def _tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(MODEL)
+
+
+async def started(script=None, **settings) -> tuple[Pipeline, FakeSGLangEngine]:
     fakes = []
 
     def factory(**kwargs):
@@ -522,7 +412,7 @@ async def started(script=None, **settings) -> tuple[SGLangEngine, FakeSGLangEngi
     # device="cuda": the stand-in engine needs none of the CPU preparation, which would change this process's
     # environment (sglang_cpu.apply); that preparation has its own tests.
     config = ServiceConfig(model=str(MODEL), engine="sglang", device="cuda", **settings)
-    engine = SGLangEngine(config, engine_factory=factory)
+    engine = Pipeline(SGLangEngine(config, engine_factory=factory), tool_format(config.tool_parser))
     await engine.start()
     fakes[0].calls.clear()
     return engine, fakes[0]
@@ -541,14 +431,14 @@ async def test_generate_renders_tokenizes_and_streams():
     request = GenerateRequest(request_id="r1", input=chat("hello"), sampling=SamplingParams(max_tokens=5))
     outputs = [o async for o in engine.generate(request)]
     (call,) = fake.calls
-    assert call["input_ids"] == engine._renderer.token_ids(request.input)
+    assert call["input_ids"] == engine.backend.codec.prompt_ids(request.input)
     assert call["stream"] is True and call["rid"].startswith("r1/0/")
     assert call["sampling_params"]["max_new_tokens"] == 5
     assert call["return_logprob"] is False
     text = "".join(c.text for o in outputs for c in o.choices)
     assert text == "Hi there"
     assert outputs[-1].choices[-1].finish_reason is FinishReason.STOP
-    assert outputs[-1].usage.prompt_tokens == engine.count_tokens(request.input)
+    assert outputs[-1].usage.prompt_tokens == await engine.count_tokens(request.input)
     assert outputs[-1].usage.completion_tokens == 3 and outputs[-1].usage.cached_tokens == 3
     assert all(o.usage is None for o in outputs[:-1])
     assert fake.closed_early == [] and engine.stats().running == engine.stats().waiting == 0
@@ -562,8 +452,8 @@ async def test_n_choices_are_separate_requests_with_their_own_seeds_merged_by_in
         i = int(call["rid"].split("/")[1])
         s = Stream(prompt_tokens=len(call["input_ids"]), cached_tokens=[0, 5][i])
         for k in range(i + 2):
-            yield s.chunk(f"{i}", [10 + k])
-        yield s.chunk(".", [20], {"type": "length", "length": i + 3})
+            yield s.chunk(f"{i}", ids(f"{i}"))
+        yield s.chunk(".", ids("."), {"type": "length", "length": i + 3})
 
     engine, fake = await started(script, sglang_args=(("enable_deterministic_inference", True),))
     request = GenerateRequest(
@@ -579,6 +469,7 @@ async def test_n_choices_are_separate_requests_with_their_own_seeds_merged_by_in
             texts[c.index] += c.text
     assert texts == {0: "00.", 1: "111."}
     assert outputs[-1].usage.completion_tokens == 3 + 4
+    # The least any choice found cached.
     assert outputs[-1].usage.cached_tokens == 0
     await engine.stop()
 
@@ -589,9 +480,9 @@ async def test_closing_the_stream_aborts_every_unfinished_choice():
 
     async def script(call):
         s = Stream()
-        yield s.chunk("a", [1])
+        yield s.chunk("a", ids("a"))
         await gate.wait()  # never set: the request is still generating when the caller leaves
-        yield s.chunk("b", [2], {"type": "length", "length": 2})
+        yield s.chunk("b", ids("b"), {"type": "length", "length": 2})
 
     engine, fake = await started(script)
     request = GenerateRequest(
@@ -606,6 +497,7 @@ async def test_closing_the_stream_aborts_every_unfinished_choice():
     assert sorted(fake.closed_early) == rids
     assert sorted(fake.tokenizer_manager.aborted) == rids
     assert engine.stats().running == engine.stats().waiting == 0
+    assert not any(engine.leftovers().values())
     await engine.stop()
 
 
@@ -613,7 +505,7 @@ async def test_closing_the_stream_aborts_every_unfinished_choice():
 async def test_an_abort_mid_stream_raises_and_stops_the_other_choices():
     async def script(call):
         s = Stream()
-        yield s.chunk("a", [1])
+        yield s.chunk("a", ids("a"))
         if call["rid"].split("/")[1] == "0":
             yield {
                 "text": "a",
@@ -666,7 +558,7 @@ async def test_validation_happens_before_sglang_sees_the_request():
 async def test_stop_wakes_readers_of_requests_still_in_flight():
     async def script(call):
         s = Stream()
-        yield s.chunk("a", [1])
+        yield s.chunk("a", ids("a"))
         await asyncio.Event().wait()
 
     engine, fake = await started(script)
@@ -708,7 +600,7 @@ def test_sampling_params_carry_the_grammar_under_sglangs_key():
     )
     assert not {"json_schema", "regex", "ebnf"} & sampling_params(base).keys()
     for kind in ("json_schema", "regex", "ebnf"):
-        assert sampling_params(base, 0, GrammarSpec(kind, "x", "f"))[kind] == "x"
+        assert sampling_params(base, None, GrammarSpec(kind, "x", "f"))[kind] == "x"
 
 
 @needs_model
@@ -720,7 +612,7 @@ async def test_tool_calls_are_parsed_out_of_sglangs_text_and_the_grammar_is_sent
     async def script(call):
         s = Stream(prompt_tokens=len(call["input_ids"]))
         for k in range(0, len(call_text), 7):  # cumulative chunks cut every 7 characters
-            yield s.chunk(call_text[k : k + 7], [300 + k])
+            yield s.chunk(call_text[k : k + 7], ids(call_text[k : k + 7]))
         yield s.chunk("", [EOS], {"type": "stop", "matched": EOS})
 
     engine, fake = await started(script)
@@ -740,7 +632,7 @@ async def test_tool_calls_are_parsed_out_of_sglangs_text_and_the_grammar_is_sent
     assert "".join(t.arguments for t in calls) == '{"tz": "UTC"}'
     assert deltas[-1].finish_reason is FinishReason.TOOL_CALLS
     # The template knows no tools: they are described in a system block of the prompt SGLang got.
-    assert "# Tools" in engine._tokenizer.decode(call["input_ids"])
+    assert "# Tools" in _tokenizer().decode(call["input_ids"])
     bad = GenerateRequest(request_id="t2", input=TextInput("x"),
                           constraint=Constraint("regex", "(("))
     with pytest.raises(InvalidArgument) as caught:

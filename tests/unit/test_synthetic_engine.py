@@ -13,25 +13,29 @@ from service.config import ServiceConfig, parse_args
 from service.domain import ChatInput, FinishReason, GenerateRequest, Message, SamplingParams, TextInput
 from service.engines import EngineStats, choose_engine, create_engine
 from service.engines.synthetic import CHARS_PER_TOKEN, SyntheticEngine
+from service.engines.tool_calls import HermesFormat
 from service.errors import InvalidArgument
+from service.pipeline import Pipeline
 
 
 def _request(max_tokens: int | None = 8, n: int = 1, text: str = "Hello there, engine!") -> GenerateRequest:
     return GenerateRequest(request_id="r", input=TextInput(text), sampling=SamplingParams(max_tokens=max_tokens), n=n)
 
 
-async def _started(**kwargs) -> SyntheticEngine:
-    engine = SyntheticEngine(ServiceConfig(engine="synthetic", **kwargs))
+async def _started(**kwargs) -> Pipeline:
+    """The synthetic engine behind the request pipeline, as the service runs it."""
+    engine = Pipeline(SyntheticEngine(ServiceConfig(engine="synthetic", **kwargs)), HermesFormat())
     await engine.start()
     return engine
 
 
-async def _collect(engine: SyntheticEngine, request: GenerateRequest):
+async def _collect(engine: Pipeline, request: GenerateRequest):
     return [out async for out in engine.generate(request)]
 
 
 async def test_emits_max_tokens_with_usage_and_length_finish():
     engine = await _started(synthetic_tokens_per_s=2000)
+    before = engine.backend.produced_tokens  # the pipeline's warm-up
     try:
         outputs = await _collect(engine, _request(max_tokens=20))
     finally:
@@ -46,7 +50,7 @@ async def test_emits_max_tokens_with_usage_and_length_finish():
     usage = outputs[-1].usage
     assert usage.completion_tokens == 20
     assert usage.prompt_tokens == len("Hello there, engine!") // CHARS_PER_TOKEN
-    assert engine.produced_tokens == 20
+    assert engine.backend.produced_tokens - before == 20
 
 
 async def test_per_stream_rate_is_kept():
@@ -137,7 +141,7 @@ async def test_validation_and_chat_prompt_counting():
         with pytest.raises(InvalidArgument):
             await _collect(engine, _request(max_tokens=0))
         chat = ChatInput((Message("system", "x" * 400), Message("user", "y" * 40)))
-        assert engine.count_tokens(chat) == 440 // CHARS_PER_TOKEN + 2 * 4 + 3
+        assert await engine.count_tokens(chat) == 440 // CHARS_PER_TOKEN + 2 * 4 + 3
     finally:
         await engine.stop()
 

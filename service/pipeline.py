@@ -1,0 +1,314 @@
+"""The request pipeline: the one place that turns a domain `GenerateRequest` into engine work and the engine's
+tokens into `GenerateOutput`s, the same way for every backend.
+
+    validate → render and tokenize the prompt (off the loop) → resolve sampling against the model's defaults →
+    the backend's refusals → compile the grammar (off the loop) → one job per choice → stream →
+    detokenize → end tokens and stop strings → log probabilities → merge the n choices → tool calls → usage
+
+A backend (service/engines/base.py) only generates token ids for one choice at a time. Its streams feed a
+mailbox that merges what the reader has not taken yet, so a slow reader gets fewer, fuller outputs and
+nothing queues per message. A choice that ends here (a stop string, an end token the engine did not stop on)
+or a request that ends early (the caller left, a deadline, a failure) closes its engine streams, which aborts
+them in the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from service.domain import (
+    ChoiceDelta,
+    FinishReason,
+    GenerateOutput,
+    GenerateRequest,
+    Input,
+    ModelInfo,
+    ResolvedSampling,
+    SamplingParams,
+    TextInput,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+    check_input_size,
+    resolve,
+    validate_request,
+)
+from service.engines.base import Backend, ChoiceJob, Codec, EngineStats, RawLogprob, TokenChunk
+from service.engines.text import StopMatcher
+from service.engines.tool_calls import ToolCallExtractor, ToolCallFormat
+from service.errors import EngineFailure, ServiceError, Unavailable
+
+log = logging.getLogger(__name__)
+
+# Seeds are int64 on every engine (SGLang checks sampling_seed against that range).
+SEED_RANGE = 2**63
+
+
+class ChoiceDecoder:
+    """Turns one choice's token chunks into the deltas a caller sees: text, ids, log probabilities, the finish.
+
+    An end token (the model's, or one of the caller's stop_token_ids) ends the choice and is not output, though
+    it counts as generated. A stop string ends it too and is never streamed: text that could be the start of
+    one is held back until it is known not to be (StopMatcher)."""
+
+    def __init__(
+        self, index: int, codec: Codec, sampling: ResolvedSampling, job: ChoiceJob, want_logprobs: bool
+    ) -> None:
+        self.index = index
+        self._codec = codec
+        self._decode = codec.detokenizer(sampling.skip_special_tokens, job.prompt_ids)
+        self._stops = StopMatcher(sampling.stop)
+        self._end_ids = frozenset(job.end_ids)
+        self._caller_stop_ids = frozenset(sampling.stop_token_ids)
+        self._want_logprobs = want_logprobs
+        self.completion_tokens = 0
+        self.cached_tokens: int | None = None
+        self.done = False
+        # The engine ended the choice itself; otherwise its stream is still open when the choice is done here.
+        self.engine_finished = False
+
+    def feed(self, chunk: TokenChunk) -> ChoiceDelta | None:
+        if self.cached_tokens is None:
+            self.cached_tokens = chunk.cached_tokens
+        if self.done:
+            return None
+        delta = ChoiceDelta(index=self.index, logprobs=[] if self._want_logprobs else None)
+        for i, token in enumerate(chunk.token_ids):
+            self.completion_tokens += 1
+            if token in self._end_ids:
+                delta.finish_reason = FinishReason.STOP
+                if token in self._caller_stop_ids:
+                    delta.stop_token_id = token
+                break
+            text, matched = self._stops.feed(self._decode(token))
+            delta.text += text
+            delta.token_ids.append(token)
+            if delta.logprobs is not None:
+                delta.logprobs.append(self._logprob(token, chunk.logprobs[i]))
+            if matched is not None:
+                delta.finish_reason = FinishReason.STOP
+                delta.stop_string = matched
+                break
+        if delta.finish_reason is None:
+            delta.finish_reason = chunk.finished
+        if delta.finish_reason is not None:
+            self.done = True
+            self.engine_finished = chunk.finished is not None
+            if delta.stop_string is None:
+                delta.text += self._stops.flush()
+        if not delta.text and not delta.token_ids and delta.finish_reason is None:
+            return None
+        return delta
+
+    def _logprob(self, token: int, raw: RawLogprob) -> TokenLogprob:
+        text, data = self._codec.token_repr(token)
+        top = []
+        for tid, logprob in raw.top:
+            t_text, t_data = self._codec.token_repr(tid)
+            top.append(TopLogprob(token_id=tid, token=t_text, logprob=logprob, token_bytes=t_data))
+        return TokenLogprob(token_id=token, token=text, logprob=raw.logprob, token_bytes=data, top=top)
+
+
+class _Mailbox:
+    """Where a request's choice streams leave their chunks for the reader: merged per choice until taken."""
+
+    def __init__(self) -> None:
+        self._pending: dict[int, TokenChunk] = {}
+        self._error: ServiceError | None = None
+        self._ready = asyncio.Event()
+
+    def put(self, index: int, chunk: TokenChunk) -> None:
+        held = self._pending.get(index)
+        if held is None:
+            self._pending[index] = chunk
+        else:
+            held.extend(chunk)
+        self._ready.set()
+
+    def fail(self, error: ServiceError) -> None:
+        if self._error is None:
+            self._error = error
+        self._ready.set()
+
+    async def take(self) -> dict[int, TokenChunk]:
+        await self._ready.wait()
+        self._ready.clear()
+        if self._error is not None:
+            raise self._error
+        taken, self._pending = self._pending, {}
+        return taken
+
+
+class Pipeline:
+    """The service's engine: a backend behind the one request pipeline."""
+
+    def __init__(self, backend: Backend, tool_format: ToolCallFormat) -> None:
+        self._backend = backend
+        self._tool_format = tool_format
+        self._ready = False
+        self._inflight: set[_Mailbox] = set()
+
+    # ------------------------------------------------------------------------------ lifecycle
+
+    @property
+    def ready(self) -> bool:
+        """True from the end of `start` until `stop`: requests before or after are refused as UNAVAILABLE."""
+        return self._ready
+
+    @property
+    def info(self) -> ModelInfo:
+        if not self._ready:
+            raise Unavailable("the engine is starting; retry shortly")
+        return self._backend.info
+
+    @property
+    def backend(self) -> Backend:
+        return self._backend
+
+    async def start(self) -> None:
+        await self._backend.start()
+        self._ready = True
+        # One tiny generation through the whole path, so a broken engine fails at start, not on a caller, and the
+        # first caller does not pay for the first batch's set-up.
+        warm_up = GenerateRequest("warmup", TextInput("Hello"), SamplingParams(max_tokens=2, temperature=0.0))
+        async for _ in self.generate(warm_up):
+            pass
+
+    async def stop(self) -> None:
+        self._ready = False
+        for mailbox in list(self._inflight):
+            mailbox.fail(Unavailable("the engine is shutting down"))
+        await self._backend.stop()
+
+    def is_alive(self) -> bool:
+        return self._ready and self._backend.is_alive()
+
+    def stats(self) -> EngineStats:
+        return self._backend.stats()
+
+    def leftovers(self) -> dict[str, int]:
+        """What requests leave behind: the pipeline's own open requests and the backend's state; all zero once
+        nothing is in flight (for tests and soaks)."""
+        return {"open_requests": len(self._inflight), **self._backend.leftovers()}
+
+    def metrics_collectors(self) -> list[Any]:
+        return self._backend.metrics_collectors()
+
+    def inject_fault(self) -> None:
+        self._backend.inject_fault()
+
+    # ------------------------------------------------------------------------------ requests
+
+    async def count_tokens(self, input: Input) -> int:
+        """The number of prompt tokens `input` renders to, exactly as `generate` would."""
+        info = self.info
+        check_input_size(input, info.context_length)
+        return len(await asyncio.to_thread(self._backend.codec.prompt_ids, input))
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+        """Stream the outputs of one request; the last output carries usage.
+
+        Closing the iterator early aborts every choice in the engine at once. Raises InvalidArgument for a
+        request the model cannot take, before the first output; Unavailable while the engine is not serving;
+        EngineFailure when the engine fails it.
+        """
+        if not self.is_alive():
+            raise Unavailable("the engine is not running")
+        backend = self._backend
+        info = backend.info
+        validate_request(request, info)
+        # Chat template and tokenizer: milliseconds, or seconds for a long prompt; off the event loop, so the
+        # streams in flight keep flowing meanwhile.
+        prompt_ids = await asyncio.to_thread(backend.codec.prompt_ids, request.input)
+        sampling = resolve(request.sampling, backend.defaults, len(prompt_ids), info)
+        backend.refuse(sampling)
+        grammar = None
+        if request.constraint is not None or request.tools:
+            # Milliseconds (cached per grammar text), a large schema longer: off the event loop.
+            grammar = await asyncio.to_thread(self._grammar, request)
+        end_ids = () if sampling.ignore_eos else backend.end_ids
+        end_ids += tuple(t for t in sampling.stop_token_ids if t not in end_ids)
+        jobs = [
+            ChoiceJob(
+                # The caller's id stays in front for debugging; the random part keeps engine ids unique (SGLang
+                # aborts by rid prefix, so it is long).
+                rid=f"{request.request_id}/{i}/{uuid.uuid4().hex}",
+                index=i,
+                prompt_ids=prompt_ids,
+                sampling=sampling,
+                seed=None if sampling.seed is None else (sampling.seed + i) % SEED_RANGE,
+                end_ids=end_ids,
+                top_logprobs=request.top_logprobs,
+                grammar=grammar,
+            )
+            for i in range(request.n)
+        ]
+        want_logprobs = request.top_logprobs is not None
+        decoders = [ChoiceDecoder(j.index, backend.codec, sampling, j, want_logprobs) for j in jobs]
+        tools = ToolCallExtractor(self._tool_format, request.tools, request.n) if request.tools else None
+        mailbox = _Mailbox()
+        self._inflight.add(mailbox)
+        streams = [asyncio.create_task(self._stream(job, mailbox), name=job.rid) for job in jobs]
+        try:
+            live = len(jobs)
+            while live:
+                ready = await mailbox.take()
+                deltas = []
+                for index in sorted(ready):
+                    decoder = decoders[index]
+                    if decoder.done:
+                        continue
+                    delta = decoder.feed(ready[index])
+                    if decoder.done:
+                        live -= 1
+                        if not decoder.engine_finished:
+                            # Ended here (a stop string): free its sequence and KV cache in the engine now.
+                            streams[index].cancel()
+                    if delta is not None:
+                        deltas.append(tools.apply(delta) if tools is not None else delta)
+                usage = None
+                if not live:
+                    cached = [d.cached_tokens for d in decoders if d.cached_tokens is not None]
+                    usage = Usage(
+                        prompt_tokens=len(prompt_ids),
+                        completion_tokens=sum(d.completion_tokens for d in decoders),
+                        # The least any choice found cached: what was cached before this request, not what one
+                        # choice found in the cache a sibling had just filled.
+                        cached_tokens=min(cached, default=0),
+                    )
+                if deltas or usage is not None:
+                    yield GenerateOutput(deltas, usage)
+        finally:
+            self._inflight.discard(mailbox)
+            for stream in streams:
+                stream.cancel()
+            await asyncio.gather(*streams, return_exceptions=True)
+
+    def _grammar(self, request: GenerateRequest) -> Any:
+        from service.engines.grammar import grammar_for
+
+        spec = grammar_for(request, self._tool_format)
+        return self._backend.compile_grammar(spec) if spec is not None else None
+
+    async def _stream(self, job: ChoiceJob, mailbox: _Mailbox) -> None:
+        """Reads one choice's engine stream into the mailbox; whatever it raises ends the request, mapped."""
+        try:
+            async with contextlib.aclosing(self._backend.generate(job)) as chunks:
+                async for chunk in chunks:
+                    mailbox.put(job.index, chunk)
+                    if chunk.finished is not None:
+                        return
+            log.error("the engine ended choice %s without finishing it", job.rid)
+            mailbox.fail(EngineFailure("the engine failed while generating this request"))
+        except asyncio.CancelledError:
+            raise
+        except ServiceError as e:
+            mailbox.fail(e)
+        except Exception:
+            log.exception("the engine failed choice %s", job.rid)
+            mailbox.fail(EngineFailure("the engine failed while generating this request"))
