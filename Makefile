@@ -68,13 +68,16 @@ test-sglang: $(STAMP) $(SGLANG_STAMP) model
 # BENCH_QUICK=1`: 7.7 min on 2 cores). `make bench-soak` holds load through the gateway for SOAK_MINUTES and reports
 # memory and latency drift. Neither is part of `make test`: they measure, they do not pass or fail.
 SOAK_MINUTES ?= 10
+# The real model, with a quarter of the clients hanging up mid-stream (a steady cancellation storm).
+SOAK_ENGINE ?= transformers
+SOAK_HANGUPS ?= 0.25
 .PHONY: bench-soak
 
 bench: $(STAMP) $(SGLANG_STAMP) model
 	CHATSERVE_SGLANG_PYTHON=$(CURDIR)/$(SGLANG_PY) $(PY) -m bench.suite $(if $(BENCH_QUICK),--quick,)
 
-bench-soak: $(STAMP)
-	$(PY) -m bench.soak --minutes $(SOAK_MINUTES)
+bench-soak: $(STAMP) model
+	$(PY) -m bench.soak --minutes $(SOAK_MINUTES) --engine $(SOAK_ENGINE) --hangup-fraction $(SOAK_HANGUPS)
 
 proto: $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto --grpc_python_out=proto proto/generate/v1/generate.proto

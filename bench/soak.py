@@ -4,15 +4,20 @@ Every interval it records the service's and the gateway's resident memory (`proc
 from their /metrics) and open file descriptors, and the latency and throughput of the requests sent in that
 interval. At the end it reports the drift: memory growth per minute (a least-squares slope over the second
 half, after caches and pools have filled) and how the last interval's latency compares with the first's.
-Not part of the test suite: run it by hand or with `make bench-soak`.
 
-    python -m bench.soak --minutes 10 --concurrency 32
+`--hangup-fraction` makes that share of the clients hang up mid-stream (after a random 0.05-1 s): a steady
+cancellation storm. After the load, the service must come back to holding nothing per request: the soak waits for
+`chatserve_engine_request_state` (open requests, result handlers, sampling plans, stranded outputs, ...) to reach
+0 and reports what is left. Not part of the test suite: run it by hand or with `make bench-soak`.
+
+    python -m bench.soak --minutes 10 --concurrency 32 --engine transformers --hangup-fraction 0.25
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import time
 from pathlib import Path
 
@@ -37,24 +42,59 @@ def _process_samples(url: str) -> dict[str, float]:
     return {"rss_mb": m.get("process_resident_memory_bytes", 0) / 2**20, "open_fds": m.get("process_open_fds", 0)}
 
 
-async def soak(spec, wl: Workload, concurrency: int, minutes: float, interval_s: float, out: Path, log=print) -> dict:
+# How long the engine may take to let go of the last requests once the load stops.
+SETTLE_S = 15.0
+
+
+def request_state(url: str) -> dict[str, float]:
+    """chatserve_engine_request_state by kind, from the service's /metrics."""
+    prefix = 'chatserve_engine_request_state{kind="'
+    return {k[len(prefix) : -2]: v for k, v in procs.scrape(url).items() if k.startswith(prefix)}
+
+
+async def settled_state(url: str, timeout: float = SETTLE_S) -> tuple[dict[str, float], float]:
+    """The request state once it is all 0 (or at the timeout), and how long that took."""
+    started = time.perf_counter()
+    while True:
+        state = request_state(url)
+        waited = time.perf_counter() - started
+        if not any(state.values()) or waited > timeout:
+            return state, waited
+        await asyncio.sleep(0.25)
+
+
+async def soak(spec, wl: Workload, concurrency: int, minutes: float, interval_s: float, out: Path, log=print,
+               hangup_fraction: float = 0.0) -> dict:
     m = machine.describe()
     log(f"machine: {machine.one_line(m)}")
-    log(f"engine: {spec.describe()}; workload: {wl.describe()}; {concurrency} streams for {minutes:g} min")
+    log(f"engine: {spec.describe()}; workload: {wl.describe()}; {concurrency} streams for {minutes:g} min, "
+        f"{hangup_fraction:.0%} of them hanging up mid-stream")
     started = await stack.start(spec, ["gateway"], out / "logs", log=log)
     target = started.targets["gateway"]
     urls = {"service": started.service.metrics_url, "gateway": f"{started.gateway.base_url}/metrics"}
     source = WorkSource(wl, salt="soak")
     results: list = []
     rows: list[dict] = []
+    hangups = 0
+    rng = random.Random(0)
+    final_state: dict[str, float] = {}
+    settle_s = 0.0
     try:
         await warm_up(target, source)
         t0 = time.perf_counter()
         t_end = t0 + minutes * 60
 
         async def worker(i: int) -> None:
+            nonlocal hangups
             await asyncio.sleep(i * 0.001)
             while time.perf_counter() < t_end:
+                if rng.random() < hangup_fraction:
+                    # The client goes away mid-stream: its connection closes, and the stack must let go of it.
+                    try:
+                        await asyncio.wait_for(target.request(source.next()), rng.uniform(0.05, 1.0))
+                    except TimeoutError:
+                        hangups += 1
+                    continue
                 r = await target.request(source.next())
                 results.append(r)
                 if r.error:
@@ -90,10 +130,14 @@ async def soak(spec, wl: Workload, concurrency: int, minutes: float, interval_s:
                 f"gateway {row.get('gateway_rss_mb', 0):.0f} MB, errors {row['errors']}")
             mark = now
         await asyncio.gather(*tasks, return_exceptions=True)
+        final_state, settle_s = await settled_state(urls["service"])
+        log(f"request state {settle_s:.1f} s after the load: {final_state}")
     finally:
         await started.close()
     payload = {"machine": m, "engine": spec.describe(), "workload": wl.describe(), "concurrency": concurrency,
-               "minutes": minutes, "interval_s": interval_s, "rows": rows, "drift": drift(rows)}
+               "minutes": minutes, "interval_s": interval_s, "rows": rows, "drift": drift(rows),
+               "hangup_fraction": hangup_fraction, "hangups": hangups,
+               "request_state_after": final_state, "settle_s": settle_s}
     report.write_json(out / "soak.json", payload)
     md = render(payload)
     (out / "soak.md").write_text(md)
@@ -140,6 +184,14 @@ def render(payload: dict) -> str:
         )
     d = payload["drift"]
     lines += ["", "Drift: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in d.items() if v is not None), ""]
+    if "request_state_after" in payload:
+        state = payload["request_state_after"]
+        lines += [
+            f"Clients that hung up mid-stream: {payload['hangups']} ({payload['hangup_fraction']:.0%} of requests). "
+            f"Per-request state in the service {payload['settle_s']:.1f} s after the load: "
+            + (", ".join(f"{k} {v:.0f}" for k, v in sorted(state.items())) or "not reported"),
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -173,11 +225,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--interval", type=float, default=30.0, help="seconds per sample")
     p.add_argument("--prompt-tokens", default="64")
     p.add_argument("--output-tokens", default="64")
+    p.add_argument("--hangup-fraction", type=float, default=0.0, help="share of requests whose client hangs up mid-stream")
     add_engine_args(p)
     p.set_defaults(synthetic_tokens_per_s=100.0)
     a = p.parse_args(argv)
     wl = Workload(Dist.parse(a.prompt_tokens), Dist.parse(a.output_tokens))
-    asyncio.run(soak(engine_spec(a), wl, a.concurrency, a.minutes, a.interval, out_dir("soak")))
+    asyncio.run(soak(engine_spec(a), wl, a.concurrency, a.minutes, a.interval, out_dir("soak"),
+                     hangup_fraction=a.hangup_fraction))
 
 
 if __name__ == "__main__":
