@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 
@@ -20,7 +22,8 @@ from gateway.errors import ApiError, MethodNotAllowed, NotFound, PayloadTooLarge
 from gateway.metrics import GatewayMetrics
 from gateway.routes import add_routes
 from gateway.limits import KeyLimits, KeyRateLimited, RateLimiter
-from gateway.state import BACKEND, CONFIG, KEYS, LIMITER, METRICS, UNKNOWN_FIELDS
+from gateway.state import BACKEND, CONFIG, KEYS, LIMITER, METRICS, RESPONSES, UNKNOWN_FIELDS
+from gateway.store import SQLiteResponseStore
 
 log = logging.getLogger("gateway.access")
 
@@ -28,7 +31,7 @@ KEYS_POLL_S = 2.0
 # Routes anyone may call; everything else needs an API key.
 _OPEN_ROUTES = {"livez", "openapi"}
 # Routes that count against a key's rate limits.
-_LIMITED_ROUTES = {"chat", "completions", "messages"}
+_LIMITED_ROUTES = {"chat", "completions", "messages", "responses"}
 CORS_ALLOW_HEADERS = (
     "Authorization, Content-Type, X-Request-Id, OpenAI-Organization, OpenAI-Project, x-api-key, anthropic-version, "
     "anthropic-beta"
@@ -48,7 +51,24 @@ def create_app(config: GatewayConfig, metrics: GatewayMetrics | None = None) -> 
     app.on_response_prepare.append(_add_headers)
     app.cleanup_ctx.append(_backend_channel)
     app.cleanup_ctx.append(_watch_keys_file)
+    app[RESPONSES] = _open_responses_store(config)
+    app.cleanup_ctx.append(_close_responses_store)
     return app
+
+
+def _open_responses_store(config: GatewayConfig) -> SQLiteResponseStore:
+    path = config.responses_store if config.responses_store == ":memory:" else os.path.expanduser(config.responses_store)
+    max_age_s = config.responses_max_age_days * 86400
+    try:
+        return SQLiteResponseStore(path, max_age_s, config.responses_max_count)
+    except (OSError, sqlite3.Error) as e:
+        log.warning("cannot open the responses store %s (%s): stored responses are kept in memory only", path, e)
+        return SQLiteResponseStore(":memory:", max_age_s, config.responses_max_count)
+
+
+async def _close_responses_store(app: web.Application) -> AsyncIterator[None]:
+    yield
+    await app[RESPONSES].close()
 
 
 async def _backend_channel(app: web.Application) -> AsyncIterator[None]:

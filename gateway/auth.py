@@ -40,6 +40,8 @@ def key_label(key: str) -> str:
 class Caller:
     label: str
     limits: KeyLimits
+    # Whose stored objects (responses) are whose: a full hash of the key, never the key itself.
+    owner: str = ""
 
 
 def parse_key_line(line: str, default: KeyLimits) -> tuple[str, KeyLimits] | None:
@@ -91,7 +93,9 @@ class KeyStore:
             parsed = (parse_key_line(line, self._default) for line in text.splitlines())
             self._file_keys = dict(p for p in parsed if p is not None)
         keys = {k: self._default for k in self._static} | self._file_keys
-        self._keys = tuple((k.encode(), Caller(key_label(k), limits)) for k, limits in keys.items())
+        self._keys = tuple(
+            (k.encode(), Caller(key_label(k), limits, hashlib.sha256(k.encode()).hexdigest())) for k, limits in keys.items()
+        )
         log.info("API keys loaded: %d", len(self._keys))
 
     def reload_if_changed(self) -> None:

@@ -45,6 +45,11 @@ class GatewayConfig:
     keepalive_timeout_s: float = 75.0
     # Open connections at once; beyond, a new one is closed as it arrives (each holds memory and a descriptor).
     max_connections: int = 4096
+    # The Responses API's stored responses (store: true): an SQLite file, or ":memory:" (gone at restart).
+    responses_store: str = "~/.local/state/chatserve/responses.sqlite3"
+    # Stored responses are kept this long (OpenAI keeps them 30 days), and at most this many (the oldest go first).
+    responses_max_age_days: float = 30.0
+    responses_max_count: int = 100_000
     log_level: str = "INFO"
     log_json: bool = False
 
@@ -91,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     add(p, "--shutdown-grace", type=float, default=d.shutdown_grace_s, old_env="SHUTDOWN_GRACE_S", help="seconds open streams get to finish on SIGTERM")
     add(p, "--keepalive-timeout", type=float, default=d.keepalive_timeout_s, help="seconds an idle connection (none of its requests in flight, or none sent yet) stays open")
     add(p, "--max-connections", type=int, default=d.max_connections, help="open client connections at once; more are closed as they arrive")
+    add(p, "--responses-store", default=d.responses_store, help="SQLite file of the Responses API's stored responses (\":memory:\": none kept across restarts); several gateway replicas need a shared store (see README)")
+    add(p, "--responses-max-age-days", type=float, default=d.responses_max_age_days, help="stored responses are dropped after this many days")
+    add(p, "--responses-max-count", type=int, default=d.responses_max_count, help="at most this many stored responses; the oldest go first")
     add(p, "--log-level", default=d.log_level, help="DEBUG, INFO, WARNING or ERROR")
     add(p, "--log-json", action="store_true", default=False, help="one JSON object per log line")
     return p
@@ -124,6 +132,9 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
         shutdown_grace_s=a.shutdown_grace,
         keepalive_timeout_s=a.keepalive_timeout,
         max_connections=a.max_connections,
+        responses_store=a.responses_store,
+        responses_max_age_days=a.responses_max_age_days,
+        responses_max_count=a.responses_max_count,
         log_level=a.log_level,
         log_json=a.log_json,
     )

@@ -11,6 +11,7 @@ from typing import Any
 
 from gateway.anthropic import CountTokensRequest, MessagesRequest
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
+from gateway.responses import CreateResponse
 
 _ERROR = {
     "type": "object",
@@ -120,6 +121,9 @@ _COMPLETION = {
 
 # One server-sent event: `data` holds a JSON chunk (or an in-band error), and the last one is "[DONE]".
 _SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
+# An event whose `event:` line names its type (Responses API, Anthropic's Messages API).
+_TYPED_SSE_EVENT = {"type": "object", "required": ["event", "data"],
+                    "properties": {"event": {"type": "string"}, "data": {"type": "string"}}}
 
 _MODEL = {
     "type": "object",
@@ -176,8 +180,83 @@ _MESSAGE = {
 }
 
 
+_RESPONSE = {
+    "type": "object",
+    "required": ["id", "object", "created_at", "status", "model", "output"],
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"const": "response"},
+        "created_at": {"type": "integer"},
+        "status": {"enum": ["completed", "incomplete", "failed", "in_progress"]},
+        "model": {"type": "string"},
+        "previous_response_id": {"type": ["string", "null"]},
+        "incomplete_details": {"type": ["object", "null"]},
+        "error": {"type": ["object", "null"]},
+        "output": {
+            "type": "array",
+            "items": {
+                "oneOf": [
+                    {"type": "object", "required": ["type", "id", "role", "content"],
+                     "properties": {"type": {"const": "message"}, "id": {"type": "string"}, "role": {"const": "assistant"},
+                                    "content": {"type": "array", "items": {"type": "object"}}}},
+                    {"type": "object", "required": ["type", "id", "call_id", "name", "arguments"],
+                     "properties": {"type": {"const": "function_call"}, "id": {"type": "string"},
+                                    "call_id": {"type": "string"}, "name": {"type": "string"},
+                                    "arguments": {"type": "string"}}},
+                ]
+            },
+        },
+        "usage": {
+            "type": ["object", "null"],
+            "properties": {name: {"type": "integer", "minimum": 0} for name in ("input_tokens", "output_tokens", "total_tokens")},
+        },
+    },
+}
+_ITEM_LIST = {
+    "type": "object",
+    "required": ["object", "data", "has_more"],
+    "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": {"type": "object"}},
+                   "first_id": {"type": ["string", "null"]}, "last_id": {"type": ["string", "null"]},
+                   "has_more": {"type": "boolean"}},
+}
+_RESPONSE_ID = [{"name": "response_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+
+
+def _responses_paths() -> dict:
+    return {
+        "/v1/responses": {
+            "post": {
+                "summary": "Create a response (OpenAI's Responses API)",
+                "requestBody": {"required": True, "content": _json("CreateResponse")},
+                "responses": {
+                    "200": {"description": "the response object, or with `stream: true` its typed events",
+                            "content": {**_json("Response"), "text/event-stream": {"schema": _TYPED_SSE_EVENT}}},
+                    **_errors(*_GENERATION_ERRORS),
+                },
+            }
+        },
+        "/v1/responses/{response_id}": {
+            "get": {"summary": "A stored response", "parameters": _RESPONSE_ID,
+                    "responses": {"200": {"description": "the response", "content": _json("Response")}, **_errors(401, 404)}},
+            "delete": {"summary": "Delete a stored response", "parameters": _RESPONSE_ID,
+                       "responses": {"200": {"description": "deleted"}, **_errors(401, 404)}},
+        },
+        "/v1/responses/{response_id}/input_items": {
+            "get": {
+                "summary": "The input items of a stored response",
+                "parameters": [*_RESPONSE_ID,
+                               {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
+                               {"name": "order", "in": "query", "schema": {"enum": ["asc", "desc"]}},
+                               {"name": "after", "in": "query", "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "a page of items", "content": _json("ResponseItemList")},
+                              **_errors(400, 401, 404)},
+            }
+        },
+    }
+
+
 def _anthropic(summary: str, request: str, response: str, stream: bool) -> dict:
-    ok = {**_json(response), **({"text/event-stream": {"schema": {"type": "string"}}} if stream else {})}
+    ok = {**_json(response), **({"text/event-stream": {"schema": _TYPED_SSE_EVENT}} if stream else {})}
     return {
         "post": {
             "summary": summary,
@@ -222,7 +301,7 @@ def _generation(summary: str, request: str, response: str) -> dict:
 def openapi_document(models: tuple[str, ...] = ()) -> dict[str, Any]:
     """The document; with the served model ids known, `model` lists them as the only valid values."""
     schemas: dict[str, Any] = {}
-    for model in (ChatCompletionRequest, CompletionRequest, MessagesRequest, CountTokensRequest):
+    for model in (ChatCompletionRequest, CompletionRequest, MessagesRequest, CountTokensRequest, CreateResponse):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(schema.pop("$defs", {}))
         if models:
@@ -230,7 +309,7 @@ def openapi_document(models: tuple[str, ...] = ()) -> dict[str, Any]:
         schemas[model.__name__] = schema
     schemas.update(
         Error=_ERROR, Usage=_USAGE, ChatCompletion=_CHAT_COMPLETION, Completion=_COMPLETION, Model=_MODEL,
-        Message=_MESSAGE, AnthropicError=_ANTHROPIC_ERROR,
+        Message=_MESSAGE, AnthropicError=_ANTHROPIC_ERROR, Response=_RESPONSE, ResponseItemList=_ITEM_LIST,
         MessageTokenCount={"type": "object", "required": ["input_tokens"],
                            "properties": {"input_tokens": {"type": "integer", "minimum": 0}}},
         ModelList={
@@ -254,6 +333,7 @@ def openapi_document(models: tuple[str, ...] = ()) -> dict[str, Any]:
             "/v1/messages/count_tokens": _anthropic(
                 "Count a message's input tokens (Anthropic's Messages API)", "CountTokensRequest", "MessageTokenCount", False
             ),
+            **_responses_paths(),
             "/v1/models": {
                 "get": {
                     "summary": "List the served models",

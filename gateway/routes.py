@@ -18,12 +18,13 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from common.logs import request_id_var
-from gateway import anthropic, sse
+from gateway import anthropic, responses, sse
 from gateway.backend import NoReplica, Stream
 from gateway.errors import ApiError, BadRequest, NotFound, PayloadTooLarge, Upstream, from_rpc_error, no_replica
 from gateway.openapi import openapi_document
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
-from gateway.state import BACKEND, CONFIG, LIMITER, METRICS, UNKNOWN_FIELDS
+from gateway.state import BACKEND, CONFIG, LIMITER, METRICS, RESPONSES, UNKNOWN_FIELDS
+from gateway.store import StoredResponse
 from gateway.translate import (
     ChatAccumulator,
     ChatChunkEncoder,
@@ -153,6 +154,96 @@ async def messages(request: web.Request) -> web.StreamResponse:
     accumulator = anthropic.MessageAccumulator()
     usage = await _generate(request, translated, None, accumulator, started)
     return web.json_response(accumulator.response(message, req.model, usage), dumps=_dumps)
+
+
+async def create_response(request: web.Request) -> web.StreamResponse:
+    """OpenAI's Responses API: read as the chat request it means (after the stored conversation of
+    previous_response_id), answered as a response object or its typed events; stored unless store is false."""
+    started = time.perf_counter()
+    req = parse(responses.CreateResponse, await read_json(request), request.app)
+    owner = _owner(request)
+    store = request.app[RESPONSES]
+    history: list[dict] = []
+    if req.previous_response_id:
+        previous = await store.get(req.previous_response_id, owner)
+        if previous is None:
+            raise NotFound(f"Previous response with id '{req.previous_response_id}' not found.",
+                           param="previous_response_id", code="previous_response_not_found")
+        history = previous.conversation
+    items = responses.input_items(req)
+    try:
+        chat = parse(ChatCompletionRequest, responses.to_chat(req, items, history), request.app)
+        translated = chat_to_proto(chat, request_id_var.get())
+    except BadRequest as e:
+        e.param = responses.responses_param(e.param)  # the chat field it checked, as this API names it
+        raise
+    translated.param_alias.update(responses.PARAM_ALIAS)
+    builder = responses.ResponseBuilder(responses.new_id("resp"), req)
+    if req.stream:
+        reply = await _generate(request, translated, responses.ResponseStreamEncoder(builder), None, started)
+    else:
+        usage = await _generate(request, translated, None, builder, started)
+        builder.finish(usage)
+        reply = web.json_response(builder.final, dumps=_dumps)
+    if req.store is not False and builder.status in ("completed", "incomplete"):
+        conversation = history + responses.items_to_messages(items) + builder.output_messages()
+        await store.put(StoredResponse(builder.id, owner, builder.created_at, builder.final, items, conversation))
+    return reply
+
+
+async def get_response(request: web.Request) -> web.Response:
+    return web.json_response((await _stored(request)).response, dumps=_dumps)
+
+
+async def delete_response(request: web.Request) -> web.Response:
+    response_id = request.match_info["response_id"]
+    if not await request.app[RESPONSES].delete(response_id, _owner(request)):
+        raise _no_response(response_id)
+    return web.json_response({"id": response_id, "object": "response", "deleted": True})
+
+
+async def list_input_items(request: web.Request) -> web.Response:
+    stored = await _stored(request)
+    query = request.query
+    try:
+        limit = int(query.get("limit", "20"))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= 100:
+        raise BadRequest("limit must be a whole number from 1 to 100", param="limit")
+    order = query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise BadRequest("order must be asc or desc", param="order")
+    items = stored.input_items if order == "asc" else stored.input_items[::-1]
+    after = query.get("after")
+    if after is not None:
+        ids = [item["id"] for item in items]
+        if after not in ids:
+            raise BadRequest(f"no input item with id {after!r} in this response", param="after")
+        items = items[ids.index(after) + 1 :]
+    page = items[:limit]
+    return web.json_response({
+        "object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit,
+    }, dumps=_dumps)
+
+
+async def _stored(request: web.Request) -> StoredResponse:
+    response_id = request.match_info["response_id"]
+    stored = await request.app[RESPONSES].get(response_id, _owner(request))
+    if stored is None:
+        raise _no_response(response_id)
+    return stored
+
+
+def _no_response(response_id: str) -> NotFound:
+    # A response another key made is not found either: whose it is stays that key's business.
+    return NotFound(f"Response with id '{response_id}' not found.", param="response_id", code="not_found")
+
+
+def _owner(request: web.Request) -> str:
+    caller = request.get("caller")
+    return caller.owner if caller is not None else ""
 
 
 async def count_message_tokens(request: web.Request) -> web.Response:
@@ -405,6 +496,10 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/completions", completions, name="completions")
     app.router.add_post("/v1/messages", messages, name="messages")
     app.router.add_post("/v1/messages/count_tokens", count_message_tokens, name="count_tokens")
+    app.router.add_post("/v1/responses", create_response, name="responses")
+    app.router.add_get("/v1/responses/{response_id}", get_response, name="response")
+    app.router.add_delete("/v1/responses/{response_id}", delete_response, name="response_delete")
+    app.router.add_get("/v1/responses/{response_id}/input_items", list_input_items, name="response_input_items")
     app.router.add_get("/v1/models", list_models, name="models")
     app.router.add_get("/v1/models/{model_id}", get_model, name="model")
     app.router.add_get("/health", health, name="health")

@@ -18,6 +18,8 @@ from tests.helpers.engines import ENGINES, python_for, service_args
 from tests.helpers.procs import ROOT, Proc, spawn, wait_for_file
 
 API_KEY = "sk-test-" + "k" * 24
+# A second key: what one key stored (Responses API) another must not see.
+OTHER_API_KEY = "sk-other-" + "o" * 24
 CORS_ORIGIN = "https://app.example"
 
 
@@ -66,7 +68,8 @@ def stack(request, tmp_path_factory) -> Stack:
          "--grpc-port", "0", "--ready-file", str(ready), "--",
          *service_args(engine), "--metrics-port", "0", "--metrics-port-file", str(metrics_port)],
         tmp / "stack.log",
-        {"API_KEYS": API_KEY, "CHATSERVE_CORS_ORIGINS": CORS_ORIGIN},
+        {"API_KEYS": f"{API_KEY},{OTHER_API_KEY}", "CHATSERVE_CORS_ORIGINS": CORS_ORIGIN,
+         "CHATSERVE_RESPONSES_STORE": str(tmp / "responses.sqlite3")},
         python=python_for(engine),
     )
     info = json.loads(wait_for_file(ready, launcher, timeout=600))

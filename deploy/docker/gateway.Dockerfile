@@ -23,7 +23,8 @@ RUN pip install --no-deps . \
 
 FROM ${PYTHON_IMAGE}
 # A fixed numeric uid, so that Kubernetes' runAsNonRoot can verify it without a runAsUser of its own.
-RUN useradd --uid 10001 --user-group --create-home --home-dir /home/chatserve --shell /usr/sbin/nologin chatserve
+RUN useradd --uid 10001 --user-group --create-home --home-dir /home/chatserve --shell /usr/sbin/nologin chatserve \
+ && mkdir -p /var/lib/chatserve && chown 10001:10001 /var/lib/chatserve
 COPY --from=build /opt/venv /opt/venv
 COPY deploy/docker/healthcheck.py /usr/local/bin/chatserve-healthcheck
 ENV PATH=/opt/venv/bin:$PATH \
@@ -31,7 +32,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     CHATSERVE_HOST=0.0.0.0 \
     CHATSERVE_PORT=8000 \
-    CHATSERVE_LOG_JSON=1
+    CHATSERVE_LOG_JSON=1 \
+    CHATSERVE_RESPONSES_STORE=/var/lib/chatserve/responses.sqlite3
 USER 10001:10001
 WORKDIR /home/chatserve
 # 8000: the OpenAI API, /health, /livez and /metrics.

@@ -93,7 +93,8 @@ def start_gateway(tmp: Path, backend: str, *extra: str, keys: str, name: str = "
     proc = spawn(
         ["-m", "gateway", "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file), "--backend", backend, *extra],
         tmp / f"{name}.log",
-        {"API_KEYS": keys, **(env or {})},
+        # Stored responses in the test's own folder, not the user's.
+        {"API_KEYS": keys, "CHATSERVE_RESPONSES_STORE": str(tmp / f"{name}-responses.sqlite3"), **(env or {})},
     )
     port = wait_for_file(port_file, proc)
     wait_http_ok(f"http://127.0.0.1:{port}/livez", proc)

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 # The operations the gateway serves, as OpenAI describes them (for fuzzing the gateway with OpenAI's own requests).
-OPERATIONS = {"/chat/completions": "post", "/completions": "post", "/models": "get", "/models/{model}": "get"}
+OPERATIONS = {"/chat/completions": "post", "/completions": "post", "/models": "get", "/models/{model}": "get",
+              "/responses": "post"}
 ROOTS = [
     "CreateChatCompletionRequest",
     "CreateCompletionRequest",
@@ -23,6 +24,10 @@ ROOTS = [
     "ListModelsResponse",
     "Model",
     "ErrorResponse",
+    "CreateResponse",
+    "Response",
+    "ResponseStreamEvent",
+    "ResponseItemList",
 ]
 OUT = Path(__file__).with_name("openai.json")
 
