@@ -46,13 +46,22 @@ PYTEST_RC = rc=$$?; if [ $$rc -eq 5 ]; then echo "make: pytest collected no test
 
 # Everything: unit, integration, and the e2e suite against both engines (the transformers engine, and SGLang's CPU
 # engine running the same assertions), then the SGLang contract tests in the sglang environment.
-test: $(STAMP) $(SGLANG_STAMP) model
+test: $(STAMP) $(SGLANG_STAMP) model browser
 	@CHATSERVE_TEST_ENGINES=transformers,sglang CHATSERVE_SGLANG_PYTHON=$(CURDIR)/$(SGLANG_PY) \
 		$(PY) -m pytest -q tests --ignore=tests/contract_sglang; $(PYTEST_RC)
 	@$(SGLANG_PY) -m pytest -q -m sglang tests/contract_sglang; $(PYTEST_RC)
 
+# The playground's browser tests drive Debian's chromium and chromedriver; installed with apt when missing (as root,
+# or with sudo). Where that cannot be done the browser tests skip, saying why.
+.PHONY: browser
+browser:
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver \
+	  || echo "WARNING: could not install chromium and chromium-driver: the browser tests will be skipped" >&2; }
+
 # For everyday iteration: everything on the transformers engine, without the SGLang tier (~5 min).
-test-fast: $(STAMP) model
+test-fast: $(STAMP) model browser
 	@CHATSERVE_TEST_ENGINES=transformers $(PY) -m pytest -q tests --ignore=tests/contract_sglang; $(PYTEST_RC)
 
 test-unit: $(STAMP)

@@ -22,8 +22,10 @@ class Formatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "%(default)" in text or action.default in (None, argparse.SUPPRESS, [], False) or action.nargs == 0:
+        if "%(default)" in text or action.default in (None, argparse.SUPPRESS, [], False):
             return text
+        if action.nargs == 0:  # an on/off flag: "on" or off by default
+            return text if not isinstance(action, argparse.BooleanOptionalAction) else f"{text} (default: on)"
         return f"{text} (default: %(default)s)"
 
 
@@ -59,11 +61,16 @@ def add(
     if env:
         name = env_name(flags[0])
         raw = read_env(name, old_env and PREFIX + old_env)
-        if kwargs.get("action") == "store_true":
-            default = raw in ("1", "true", "yes") if raw is not None else default
+        if _boolean(kwargs.get("action")):
+            default = raw.lower() in ("1", "true", "yes", "on") if raw is not None else default
         elif raw is not None:
             default = type(raw)
         help = f"{help} [{name}]" if help else f"[{name}]"
-    if kwargs.get("action") != "store_true":
+    if not _boolean(kwargs.get("action")):
         kwargs["type"] = type
     return group.add_argument(*flags, default=default, help=help, **kwargs)
+
+
+def _boolean(action: Any) -> bool:
+    """Flags that take no value: on/off from their environment variable's 1/true/yes/on."""
+    return action == "store_true" or action is argparse.BooleanOptionalAction

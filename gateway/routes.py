@@ -11,6 +11,7 @@ import json
 import logging
 import time
 import uuid
+from pathlib import Path
 from typing import TypeVar
 
 import grpc
@@ -425,6 +426,8 @@ def _count_tokens(request: web.Request, tally: _Tally) -> None:
     metrics = request.app[METRICS]
     metrics.prompt_tokens.labels(key).inc(prompt)
     metrics.completion_tokens.labels(key).inc(completion)
+    if tally.usage is not None:
+        metrics.cached_tokens.labels(key).inc(tally.usage.cached_tokens)
     request["usage"] = tally.usage or pb.Usage(completion_tokens=completion)
     caller = request.get("caller")
     if caller is not None:
@@ -445,6 +448,7 @@ def _model_card(info: pb.GetModelInfoResponse) -> dict:
         "created": info.created,
         "owned_by": "chatserve",
         "max_model_len": info.context_length,
+        "engine": info.engine,
     }
 
 
@@ -491,6 +495,29 @@ async def openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi_document(models))
 
 
+PLAYGROUND = Path(__file__).with_name("playground")
+_PLAYGROUND_FILES = {"playground.js": "text/javascript", "playground.css": "text/css"}
+# The page loads nothing from elsewhere and runs no inline script.
+_PLAYGROUND_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'",
+    "Cache-Control": "no-cache",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+async def playground(request: web.Request) -> web.Response:
+    return web.Response(body=(PLAYGROUND / "index.html").read_bytes(), content_type="text/html", charset="utf-8",
+                        headers=_PLAYGROUND_HEADERS)
+
+
+async def playground_asset(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    if name not in _PLAYGROUND_FILES:  # a fixed list: nothing else of the package can be fetched
+        raise NotFound(f"no playground file {name!r}")
+    return web.Response(body=(PLAYGROUND / name).read_bytes(), content_type=_PLAYGROUND_FILES[name], charset="utf-8",
+                        headers=_PLAYGROUND_HEADERS)
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/chat/completions", chat_completions, name="chat")
     app.router.add_post("/v1/completions", completions, name="completions")
@@ -505,3 +532,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/health", health, name="health")
     app.router.add_get("/livez", live, name="livez")
     app.router.add_get("/openapi.json", openapi, name="openapi")
+    if app[CONFIG].playground:
+        app.router.add_get("/", playground, name="playground")
+        app.router.add_get("/playground/{name}", playground_asset, name="playground_asset")

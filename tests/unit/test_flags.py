@@ -58,3 +58,14 @@ def test_old_variable_names_still_work_with_a_warning(monkeypatch, caplog, old, 
     assert f"{old} is deprecated" in caplog.text and new in caplog.text
     monkeypatch.setenv(new, "9")
     assert read() == 9  # the new name wins
+
+
+@pytest.mark.parametrize("raw, expected", [("false", False), ("0", False), ("TRUE", True), ("on", True)])
+def test_an_on_off_flag_reads_its_variable_as_a_boolean(monkeypatch, raw, expected):
+    from gateway.config import parse_args as parse_gateway_args
+
+    monkeypatch.setenv("API_KEYS", "sk-flags-" + "f" * 20)
+    monkeypatch.setenv("CHATSERVE_PLAYGROUND", raw)
+    assert parse_gateway_args([]).playground is expected
+    assert parse_gateway_args(["--no-playground"]).playground is False
+    assert parse_gateway_args(["--playground"]).playground is True
