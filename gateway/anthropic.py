@@ -144,7 +144,7 @@ def to_chat(req: CountTokensRequest) -> dict[str, Any]:
         if isinstance(m.content, str):
             messages.append({"role": m.role, "content": m.content})
             continue
-        text, calls = [], []
+        text, calls, thoughts = [], [], []
         for block in m.content:
             if isinstance(block, ToolResultBlock):
                 if m.role != "user":
@@ -159,10 +159,14 @@ def to_chat(req: CountTokensRequest) -> dict[str, Any]:
                               "function": {"name": block.name, "arguments": json.dumps(block.input, ensure_ascii=False)}})
             elif isinstance(block, TextBlock):
                 text.append(block.text)
+            elif isinstance(block, ThinkingBlock) and isinstance((block.model_extra or {}).get("thinking"), str):
+                thoughts.append(block.model_extra["thinking"])
         if text or calls or m.role == "assistant":
             message: dict[str, Any] = {"role": m.role, "content": "".join(text) if text or not calls else None}
             if calls:
                 message["tool_calls"] = calls
+            if thoughts and m.role == "assistant":  # for templates that render earlier thinking
+                message["reasoning_content"] = "".join(thoughts)
             messages.append(message)
     body: dict[str, Any] = {"model": req.model, "messages": messages}
     if req.tools:
@@ -182,6 +186,8 @@ def to_chat(req: CountTokensRequest) -> dict[str, Any]:
             body["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}[choice.type]
         if choice.disable_parallel_tool_use and req.tools:
             body["parallel_tool_calls"] = False
+    if req.thinking is not None and req.thinking.type == "disabled":
+        body["chat_template_kwargs"] = {"enable_thinking": False}
     if isinstance(req, MessagesRequest):
         if req.max_tokens < 1:
             raise BadRequest("max_tokens: must be at least 1", param="max_tokens")
@@ -233,6 +239,11 @@ class MessageAccumulator:
     def add(self, response: pb.GenerateResponse, offset: int = 0) -> None:
         for c in response.choices:
             self._tokens += len(c.token_ids)
+            if c.reasoning:
+                if self._blocks and self._blocks[-1]["type"] == "thinking":
+                    self._blocks[-1]["thinking"] += c.reasoning
+                else:
+                    self._blocks.append({"type": "thinking", "thinking": c.reasoning, "signature": ""})
             if c.text:
                 if self._blocks and self._blocks[-1]["type"] == "text":
                     self._blocks[-1]["text"] += c.text
@@ -304,6 +315,11 @@ class MessageStreamEncoder:
         events: list[str] = []
         for c in response.choices:
             self._tokens += len(c.token_ids)
+            if c.reasoning:
+                if self._open != "thinking":
+                    events += self._block("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+                events.append(_event("content_block_delta", {"index": self._index,
+                                                             "delta": {"type": "thinking_delta", "thinking": c.reasoning}}))
             if c.text:
                 if self._open != "text":
                     events += self._block("text", {"type": "text", "text": ""})

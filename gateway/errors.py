@@ -41,6 +41,7 @@ _PARAMS = {
     "input.chat.tools": "tools",
     "input.chat.tool_choice": "tool_choice",
     "input.chat.parallel_tool_calls": "parallel_tool_calls",
+    "input.chat.chat_template_kwargs": "chat_template_kwargs",
 }
 # Fields inside a tool or a message's tool call sit under "function" in OpenAI's shape.
 _FUNCTION_FIELD = re.compile(r"^(tools\[\d+\]|messages\[\d+\]\.tool_calls\[\d+\])\.(name|parameters|arguments|description)$")

@@ -95,6 +95,10 @@ class ChatMessage(_Model):
     content: StrictStr | list[ContentPart] | None = Field(default=None, validate_default=True)
     name: StrictStr | None = None
     tool_call_id: StrictStr | None = None
+    # An earlier assistant turn's thinking, as this server (and SGLang, vLLM) return it; `reasoning` is vLLM's
+    # newer name. Templates that render earlier thinking (Qwen3's) read it.
+    reasoning_content: StrictStr | None = None
+    reasoning: StrictStr | None = None
 
     @field_validator("role", mode="before")
     @classmethod
@@ -220,7 +224,11 @@ class ChatCompletionRequest(SamplingFields):
         Literal["none"] | None, refused("the legacy function_call field is not supported; use tool_choice", (None, "none"))
     ] = None
     web_search_options: Annotated[None, refused("web search is not supported by this server")] = None
-    reasoning_effort: Annotated[None, refused("reasoning_effort applies to reasoning models only; this model is not one")] = None
+    # "none" switches a reasoning model's thinking off (enable_thinking=false in its chat template); other values
+    # are accepted and leave the model's own default.
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    # Extra variables for the model's chat template, e.g. {"enable_thinking": false} (as SGLang and vLLM accept).
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class CompletionRequest(SamplingFields):

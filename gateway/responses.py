@@ -337,6 +337,14 @@ class ResponseBuilder:
         events: list[dict[str, Any]] = []
         for c in message.choices:
             self._tokens += len(c.token_ids)
+            if c.reasoning:
+                if self._open is None or self._open["type"] != "reasoning":
+                    events += self._close()
+                    events += self._open_item({"type": "reasoning", "id": new_id("rs"), "summary": [],
+                                               "content": [{"type": "reasoning_text", "text": ""}]})
+                self._open["content"][0]["text"] += c.reasoning
+                events.append(self._event("response.reasoning_text.delta", item_id=self._open["id"],
+                                          output_index=len(self.output) - 1, content_index=0, delta=c.reasoning))
             if c.text:
                 if self._open is None or self._open["type"] != "message":
                     events += self._close()
@@ -372,8 +380,13 @@ class ResponseBuilder:
         if item is None:
             return []
         index = len(self.output) - 1
-        item["status"] = "incomplete" if self._incomplete else "completed"
         events = []
+        if item["type"] == "reasoning":
+            events.append(self._event("response.reasoning_text.done", item_id=item["id"], output_index=index,
+                                      content_index=0, text=item["content"][0]["text"]))
+            events.append(self._event("response.output_item.done", output_index=index, item=_copy(item)))
+            return events
+        item["status"] = "incomplete" if self._incomplete else "completed"
         if item["type"] == "message":
             part = item["content"][0]
             events.append(self._event("response.output_text.done", item_id=item["id"], output_index=index,
@@ -446,17 +459,23 @@ class ResponseBuilder:
                     "cache_write_tokens": prompt - (usage.cached_tokens if usage is not None else 0),
                 },
                 "output_tokens": output,
-                "output_tokens_details": {"reasoning_tokens": 0},
+                "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens if usage is not None else 0},
                 "total_tokens": prompt + output,
             }
         return body
 
     def output_messages(self) -> list[dict[str, Any]]:
         """The output as chat messages, for the conversation a later previous_response_id continues."""
-        return items_to_messages([
+        messages = items_to_messages([
             {**item, "content": [{"text": p["text"]} for p in item.get("content", [])]} if item["type"] == "message" else item
             for item in self.output
         ])
+        reasoning = "".join(item["content"][0]["text"] for item in self.output if item["type"] == "reasoning")
+        if reasoning and messages:  # the thinking goes with the turn, for templates that render it
+            messages[0]["reasoning_content"] = reasoning
+        elif reasoning:
+            messages.append({"role": "assistant", "content": "", "reasoning_content": reasoning})
+        return messages
 
 
 def _echo_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:

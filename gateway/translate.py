@@ -135,7 +135,8 @@ def chat_to_proto(req: ChatCompletionRequest, request_id: str) -> Translated:
     chat = pb.Chat()
     for i, m in enumerate(req.messages):
         message = chat.messages.add(role=_ROLES.get(m.role, m.role), name=m.name or "",
-                                    tool_call_id=m.tool_call_id or "")
+                                    tool_call_id=m.tool_call_id or "",
+                                    reasoning_content=m.reasoning_content or m.reasoning or "")
         if isinstance(m.content, str):
             message.content.add(text=m.content)
         elif m.content is not None:
@@ -143,6 +144,11 @@ def chat_to_proto(req: ChatCompletionRequest, request_id: str) -> Translated:
         for call in m.tool_calls or ():
             message.tool_calls.add(id=call.id, name=call.function.name, arguments=call.function.arguments)
     _tools_to_proto(req, chat)
+    template_kwargs = dict(req.chat_template_kwargs or {})
+    if req.reasoning_effort == "none":
+        template_kwargs.setdefault("enable_thinking", False)
+    if template_kwargs:
+        chat.chat_template_kwargs = json.dumps(template_kwargs, ensure_ascii=False)
     constraint = constraint_to_proto(req, req.response_format)
     alias = {}
     if req.max_completion_tokens is not None:
@@ -231,16 +237,18 @@ def usage_dict(usage: pb.Usage) -> dict:
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.prompt_tokens + usage.completion_tokens,
         "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
     }
 
 
 def add_usage(total: pb.Usage | None, usage: pb.Usage) -> pb.Usage:
     if total is None:
         return pb.Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-                        cached_tokens=usage.cached_tokens)
+                        cached_tokens=usage.cached_tokens, reasoning_tokens=usage.reasoning_tokens)
     total.prompt_tokens += usage.prompt_tokens
     total.completion_tokens += usage.completion_tokens
     total.cached_tokens += usage.cached_tokens
+    total.reasoning_tokens += usage.reasoning_tokens
     return total
 
 
@@ -291,6 +299,11 @@ class ChatChunkEncoder(_ChunkEncoder):
         out = []
         for c in response.choices:
             index = offset + c.index
+            if c.reasoning:
+                # SGLang's and vLLM's field, and `reasoning`, vLLM's newer name for the same text.
+                out.append(self._chunk({"index": index, "delta": {"reasoning_content": c.reasoning,
+                                                                  "reasoning": c.reasoning},
+                                        "logprobs": None, "finish_reason": None}))
             if c.logprobs:
                 logprobs = {"content": [logprob_entry(lp) for lp in c.logprobs], "refusal": None}
                 out.append(self._chunk({"index": index, "delta": {"content": c.text}, "logprobs": logprobs,
@@ -327,6 +340,7 @@ class ChatAccumulator:
 
     def __init__(self, choices: int, logprobs: bool) -> None:
         self._text = [[] for _ in range(choices)]
+        self._reasoning = [[] for _ in range(choices)]
         self._logprobs = [[] for _ in range(choices)] if logprobs else None
         self._finish: list[str | None] = [None] * choices
         self._calls: list[list[dict]] = [[] for _ in range(choices)]
@@ -335,6 +349,7 @@ class ChatAccumulator:
         for c in response.choices:
             index = offset + c.index
             self._text[index].append(c.text)
+            self._reasoning[index].append(c.reasoning)
             for t in c.tool_calls:
                 calls = self._calls[index]
                 if t.id:
@@ -366,10 +381,15 @@ class ChatAccumulator:
 
     def _message(self, i: int, text: str) -> dict:
         calls = self._calls[i]
-        if not calls:
-            return {"role": "assistant", "content": text, "refusal": None}
-        # As OpenAI answers a turn that only called tools: content null.
-        return {"role": "assistant", "content": text or None, "refusal": None, "tool_calls": calls}
+        message: dict = {"role": "assistant", "content": text, "refusal": None}
+        reasoning = "".join(self._reasoning[i])
+        if reasoning:
+            message["reasoning_content"] = message["reasoning"] = reasoning
+        if calls:
+            # As OpenAI answers a turn that only called tools: content null.
+            message["content"] = text or None
+            message["tool_calls"] = calls
+        return message
 
 
 class _TextLogprobs:

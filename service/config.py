@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass
 
 from common import flags
+from service.engines.reasoning import PARSERS
 from service.engines.tool_calls import FORMATS
 
 
@@ -27,6 +28,10 @@ class ServiceConfig:
     dtype: str = "auto"
     # How the model writes tool calls (service/engines/tool_calls.py): its prompt, grammar and parser.
     tool_parser: str = "hermes"
+    # How the model's reasoning is told from its answer (service/engines/reasoning.py); auto reads the template.
+    reasoning_parser: str = "auto"
+    # Chat-template variables every chat gets unless it sets them itself, e.g. (("enable_thinking", False),).
+    chat_template_kwargs: tuple[tuple[str, object], ...] = ()
     # Compute threads of the CPU engines (torch intra-op threads); None: one per core this process may use.
     threads: int | None = None
     # KV cache size in tokens; None: the engine's default (transformers 32768, SGLang on CPU sized from memory).
@@ -125,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     add(p, "--tool-parser", choices=sorted(FORMATS), default=d.tool_parser,
         help="the model's tool-call syntax: hermes is <tool_call>{...}</tool_call> (Hermes, Qwen2.5, Qwen3, and the "
         "default model, which is prompted with it)")
+    add(p, "--reasoning-parser", choices=PARSERS, default=d.reasoning_parser,
+        help="how the model's thinking is told from its answer (reasoning_content): qwen3 (<think>...</think> at the "
+        "start), qwen3-thinking (Qwen3-2507 Thinking: the output starts inside it), none; auto reads the chat template")
+    add(p, "--chat-template-kwargs", type=_template_kwargs, default={},
+        help='chat-template variables every chat gets unless it sets them, as a JSON object, e.g. \'{"enable_thinking": false}\'')
     add(p, "--threads", type=int, help="compute threads of the CPU engines (default: one per core this process may "
         "use; on a machine shared with other busy processes, fewer is faster)")
     add(p, "--kv-cache-tokens", type=int, help="KV cache size in tokens (default: transformers 32768; sglang on CPU: "
@@ -188,6 +198,8 @@ def parse_args(argv: list[str] | None = None) -> ServiceConfig:
         max_output_tokens=a.max_output_tokens,
         dtype=a.dtype,
         tool_parser=a.tool_parser,
+        reasoning_parser=a.reasoning_parser,
+        chat_template_kwargs=tuple(sorted(a.chat_template_kwargs.items())),
         threads=a.threads,
         kv_cache_tokens=a.kv_cache_tokens,
         page_size=a.page_size,
@@ -221,3 +233,13 @@ def parse_args(argv: list[str] | None = None) -> ServiceConfig:
         log_json=a.log_json,
         enable_fault_injection=a.enable_fault_injection,
     )
+
+
+def _template_kwargs(text: str) -> dict:
+    try:
+        value = json.loads(text) if text else {}
+    except ValueError:
+        raise argparse.ArgumentTypeError("not JSON: give a JSON object, e.g. '{\"enable_thinking\": false}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("give a JSON object, e.g. '{\"enable_thinking\": false}'")
+    return value

@@ -46,6 +46,7 @@ class Message:
     name: str | None = None
     tool_calls: tuple[ToolCall, ...] = ()  # assistant messages
     tool_call_id: str | None = None  # tool messages
+    reasoning_content: str | None = None  # assistant messages: the thinking before the content
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +77,11 @@ class ChatInput:
     tools: tuple[Tool, ...] = ()
     tool_choice: ToolChoice = ToolChoice()
     parallel_tool_calls: bool = True
+    # Extra chat-template variables, as JSON object text ("" for none), e.g. '{"enable_thinking": false}'.
+    template_kwargs: str = ""
+
+    def template_variables(self) -> dict:
+        return json.loads(self.template_kwargs) if self.template_kwargs else {}
 
     @property
     def offered_tools(self) -> tuple[Tool, ...]:
@@ -235,6 +241,7 @@ class ChoiceDelta:
     index: int
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
+    reasoning: str = ""  # thinking text, kept apart from `text` (see service/engines/reasoning.py)
     logprobs: list[TokenLogprob] | None = None
     finish_reason: FinishReason | None = None
     stop_string: str | None = None
@@ -244,6 +251,7 @@ class ChoiceDelta:
     def merge(self, later: ChoiceDelta) -> None:
         """Append a later delta of the same choice to this one (used when the reader falls behind)."""
         self.text += later.text
+        self.reasoning += later.reasoning
         self.token_ids.extend(later.token_ids)
         for call in later.tool_calls:
             last = self.tool_calls[-1] if self.tool_calls else None
@@ -264,6 +272,7 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
+    reasoning_tokens: int = 0  # of completion_tokens
 
 
 @dataclass(slots=True)
@@ -371,6 +380,24 @@ def validate_tools(chat: ChatInput) -> None:
         raise InvalidArgument("input.chat.tool_choice", f"tool_choice names the function {choice.function!r}, which is not among the tools")
 
 
+# Chat-template variables a caller may not set: the renderer's own arguments.
+RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "tools", "documents", "add_generation_prompt", "tokenize",
+                                      "continue_final_message", "return_dict", "chat_template", "tokenizer"})
+MAX_TEMPLATE_KWARGS_CHARS = 16 * 1024
+
+
+def validate_template_kwargs(text: str) -> None:
+    if not text:
+        return
+    if len(text) > MAX_TEMPLATE_KWARGS_CHARS:
+        raise InvalidArgument("input.chat.chat_template_kwargs", "chat_template_kwargs is too long")
+    kwargs = _json(text, "input.chat.chat_template_kwargs", "chat_template_kwargs")
+    reserved = sorted(RESERVED_TEMPLATE_KWARGS & kwargs.keys())
+    if reserved:
+        raise InvalidArgument("input.chat.chat_template_kwargs",
+                              f"chat_template_kwargs may not set {', '.join(reserved)}: the request's own fields do")
+
+
 def validate_constraint(c: Constraint) -> None:
     """The constraint's shape; whether it compiles is the engine's to say (it raises InvalidArgument then)."""
     if c.kind not in CONSTRAINT_KINDS:
@@ -424,6 +451,7 @@ def validate_request(request: GenerateRequest, info: ModelInfo) -> None:
                 raise InvalidArgument("input.chat.messages", f"at most {MAX_MESSAGES} messages are allowed")
             validate_messages(messages)
             validate_tools(request.input)
+            validate_template_kwargs(request.input.template_kwargs)
             if request.constraint is not None and request.input.tool_choice.forced:
                 raise InvalidArgument(
                     request.constraint.field,

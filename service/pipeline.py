@@ -1,9 +1,10 @@
 """The request pipeline: the one place that turns a domain `GenerateRequest` into engine work and the engine's
 tokens into `GenerateOutput`s, the same way for every backend.
 
-    validate → render and tokenize the prompt (off the loop) → resolve sampling against the model's defaults →
-    the backend's refusals → compile the grammar (off the loop) → one job per choice → stream →
-    detokenize → end tokens and stop strings → log probabilities → merge the n choices → tool calls → usage
+    validate → render and tokenize the prompt (off the loop; the service's chat-template defaults under the
+    request's) → resolve sampling against the model's defaults → the backend's refusals → compile the grammar
+    (off the loop) → one job per choice → stream → detokenize → reasoning apart from the answer → end tokens and
+    stop strings → log probabilities → merge the n choices → tool calls → usage
 
 A backend (service/engines/base.py) only generates token ids for one choice at a time. Its streams feed a
 mailbox that merges what the reader has not taken yet, so a slow reader gets fewer, fuller outputs and
@@ -16,12 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 from service.domain import (
+    ChatInput,
     ChoiceDelta,
     FinishReason,
     GenerateOutput,
@@ -38,7 +42,9 @@ from service.domain import (
     resolve,
     validate_request,
 )
+from service.engines import reasoning
 from service.engines.base import Backend, ChoiceJob, Codec, EngineStats, RawLogprob, TokenChunk
+from service.engines.reasoning import ReasoningSplitter
 from service.engines.text import StopMatcher
 from service.engines.tool_calls import ToolCallExtractor, ToolCallFormat
 from service.errors import EngineFailure, ServiceError, Unavailable
@@ -54,19 +60,28 @@ class ChoiceDecoder:
 
     An end token (the model's, or one of the caller's stop_token_ids) ends the choice and is not output, though
     it counts as generated. A stop string ends it too and is never streamed: text that could be the start of
-    one is held back until it is known not to be (StopMatcher)."""
+    one is held back until it is known not to be (StopMatcher). With a reasoning parser, the model's thinking goes
+    to `reasoning` and only the answer is matched against stop strings (and read for tool calls)."""
 
     def __init__(
-        self, index: int, codec: Codec, sampling: ResolvedSampling, job: ChoiceJob, want_logprobs: bool
+        self,
+        index: int,
+        codec: Codec,
+        sampling: ResolvedSampling,
+        job: ChoiceJob,
+        want_logprobs: bool,
+        reasoning_parser: str = "none",
     ) -> None:
         self.index = index
         self._codec = codec
         self._decode = codec.detokenizer(sampling.skip_special_tokens, job.prompt_ids)
+        self._split = ReasoningSplitter(reasoning_parser)
         self._stops = StopMatcher(sampling.stop)
         self._end_ids = frozenset(job.end_ids)
         self._caller_stop_ids = frozenset(sampling.stop_token_ids)
         self._want_logprobs = want_logprobs
         self.completion_tokens = 0
+        self.reasoning_tokens = 0
         self.cached_tokens: int | None = None
         self.done = False
         # The engine ended the choice itself; otherwise its stream is still open when the choice is done here.
@@ -85,7 +100,12 @@ class ChoiceDecoder:
                 if token in self._caller_stop_ids:
                     delta.stop_token_id = token
                 break
-            text, matched = self._stops.feed(self._decode(token))
+            thinking = self._split.thinking
+            thought, answer = self._split.feed(self._decode(token))
+            if thinking or thought or self._split.thinking:
+                self.reasoning_tokens += 1
+            delta.reasoning += thought
+            text, matched = self._stops.feed(answer)
             delta.text += text
             delta.token_ids.append(token)
             if delta.logprobs is not None:
@@ -100,8 +120,13 @@ class ChoiceDecoder:
             self.done = True
             self.engine_finished = chunk.finished is not None
             if delta.stop_string is None:
-                delta.text += self._stops.flush()
-        if not delta.text and not delta.token_ids and delta.finish_reason is None:
+                thought, answer = self._split.flush()
+                delta.reasoning += thought
+                text, matched = self._stops.feed(answer)
+                delta.text += text if matched is not None else text + self._stops.flush()
+                if matched is not None:
+                    delta.finish_reason, delta.stop_string = FinishReason.STOP, matched
+        if not delta.text and not delta.reasoning and not delta.token_ids and delta.finish_reason is None:
             return None
         return delta
 
@@ -147,9 +172,18 @@ class _Mailbox:
 class Pipeline:
     """The service's engine: a backend behind the one request pipeline."""
 
-    def __init__(self, backend: Backend, tool_format: ToolCallFormat) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        tool_format: ToolCallFormat,
+        reasoning_parser: str = "auto",
+        template_defaults: dict[str, Any] | None = None,
+    ) -> None:
         self._backend = backend
         self._tool_format = tool_format
+        self._reasoning_flag = reasoning_parser
+        self.reasoning_parser = "none"  # chosen at start, from the flag and the model's template
+        self._template_defaults = dict(template_defaults or {})
         self._ready = False
         self._inflight: set[_Mailbox] = set()
 
@@ -172,6 +206,9 @@ class Pipeline:
 
     async def start(self) -> None:
         await self._backend.start()
+        self.reasoning_parser = reasoning.choose(self._reasoning_flag, self._backend.codec.template_text())
+        if self.reasoning_parser != "none":
+            log.info("reasoning parser: %s", self.reasoning_parser)
         self._ready = True
         # One tiny generation through the whole path, so a broken engine fails at start, not on a caller, and the
         # first caller does not pay for the first batch's set-up.
@@ -208,7 +245,14 @@ class Pipeline:
         """The number of prompt tokens `input` renders to, exactly as `generate` would."""
         info = self.info
         check_input_size(input, info.context_length)
-        return len(await asyncio.to_thread(self._backend.codec.prompt_ids, input))
+        return len(await asyncio.to_thread(self._backend.codec.prompt_ids, self._with_defaults(input)))
+
+    def _with_defaults(self, input: Input) -> Input:
+        """A chat with the service's chat-template defaults (--chat-template-kwargs) under its own variables."""
+        if not self._template_defaults or not isinstance(input, ChatInput):
+            return input
+        merged = {**self._template_defaults, **input.template_variables()}
+        return dataclasses.replace(input, template_kwargs=json.dumps(merged))
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
         """Stream the outputs of one request; the last output carries usage.
@@ -224,7 +268,7 @@ class Pipeline:
         validate_request(request, info)
         # Chat template and tokenizer: milliseconds, or seconds for a long prompt; off the event loop, so the
         # streams in flight keep flowing meanwhile.
-        prompt_ids = await asyncio.to_thread(backend.codec.prompt_ids, request.input)
+        prompt_ids = await asyncio.to_thread(backend.codec.prompt_ids, self._with_defaults(request.input))
         sampling = resolve(request.sampling, backend.defaults, len(prompt_ids), info)
         backend.refuse(sampling)
         grammar = None
@@ -249,7 +293,9 @@ class Pipeline:
             for i in range(request.n)
         ]
         want_logprobs = request.top_logprobs is not None
-        decoders = [ChoiceDecoder(j.index, backend.codec, sampling, j, want_logprobs) for j in jobs]
+        # Reasoning is a chat's: a text completion continues its prompt as it is.
+        parser = self.reasoning_parser if isinstance(request.input, ChatInput) else "none"
+        decoders = [ChoiceDecoder(j.index, backend.codec, sampling, j, want_logprobs, parser) for j in jobs]
         tools = ToolCallExtractor(self._tool_format, request.tools, request.n) if request.tools else None
         mailbox = _Mailbox()
         self._inflight.add(mailbox)
@@ -277,6 +323,7 @@ class Pipeline:
                     usage = Usage(
                         prompt_tokens=len(prompt_ids),
                         completion_tokens=sum(d.completion_tokens for d in decoders),
+                        reasoning_tokens=sum(d.reasoning_tokens for d in decoders),
                         # The least any choice found cached: what was cached before this request, not what one
                         # choice found in the cache a sibling had just filled.
                         cached_tokens=min(cached, default=0),

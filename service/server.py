@@ -44,7 +44,12 @@ class ExitCode(enum.IntEnum):
 
 async def serve(config: ServiceConfig, backend: Backend | None = None) -> ExitCode:
     metrics = ServiceMetrics()
-    engine = Pipeline(backend or create_engine(config), tool_format(config.tool_parser))
+    engine = Pipeline(
+        backend or create_engine(config),
+        tool_format(config.tool_parser),
+        config.reasoning_parser,
+        dict(config.chat_template_kwargs),
+    )
     admission = Admission(config.max_inflight, config.max_queue, metrics)
     health_servicer = health.aio.HealthServicer()
 

@@ -63,6 +63,7 @@ def input_from_proto(message: pb.Input) -> Input:
                     name=m.name or None,
                     tool_calls=tuple(ToolCall(c.id, c.name, c.arguments) for c in m.tool_calls),
                     tool_call_id=m.tool_call_id or None,
+                    reasoning_content=m.reasoning_content or None,
                 )
                 for m in chat.messages
             ),
@@ -70,6 +71,7 @@ def input_from_proto(message: pb.Input) -> Input:
             tools=tuple(Tool(t.name, t.description, t.parameters) for t in chat.tools),
             tool_choice=tool_choice_from_proto(chat.tool_choice),
             parallel_tool_calls=chat.parallel_tool_calls if chat.HasField("parallel_tool_calls") else True,
+            template_kwargs=chat.chat_template_kwargs,
         )
     if kind == "text":
         return TextInput(message.text)
@@ -135,7 +137,7 @@ def _logprob_to_proto(lp: TokenLogprob) -> pb.TokenLogprob:
 def output_to_proto(output: GenerateOutput) -> pb.GenerateResponse:
     response = pb.GenerateResponse()
     for c in output.choices:
-        delta = response.choices.add(index=c.index, text=c.text, token_ids=c.token_ids)
+        delta = response.choices.add(index=c.index, text=c.text, token_ids=c.token_ids, reasoning=c.reasoning)
         for call in c.tool_calls:
             delta.tool_calls.add(index=call.index, id=call.id or "", name=call.name or "", arguments=call.arguments)
         if c.logprobs:
@@ -149,7 +151,8 @@ def output_to_proto(output: GenerateOutput) -> pb.GenerateResponse:
     if output.usage is not None:
         u = output.usage
         response.usage.CopyFrom(
-            pb.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, cached_tokens=u.cached_tokens)
+            pb.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, cached_tokens=u.cached_tokens,
+                     reasoning_tokens=u.reasoning_tokens)
         )
     return response
 

@@ -62,11 +62,19 @@ def stack(request, tmp_path_factory) -> Stack:
         )
         return
     tmp = tmp_path_factory.mktemp(f"stack-{engine}")
+    stack = launch_stack(engine, tmp)
+    yield stack
+    code = stack.launcher.stop()
+    assert code == 0, f"the stack did not stop cleanly ({code}):\n{stack.launcher.log()[-3000:]}"
+
+
+def launch_stack(engine: str, tmp: Path, *service_extra: str) -> Stack:
+    """Service and gateway as `make run` starts them (deploy/run_local.py), on ephemeral ports, ready."""
     ready, metrics_port = tmp / "ready.json", tmp / "metrics.port"
     launcher = spawn(
         [str(ROOT / "deploy" / "run_local.py"), "--gateway-host", "127.0.0.1", "--gateway-port", "0",
          "--grpc-port", "0", "--ready-file", str(ready), "--",
-         *service_args(engine), "--metrics-port", "0", "--metrics-port-file", str(metrics_port)],
+         *service_args(engine), "--metrics-port", "0", "--metrics-port-file", str(metrics_port), *service_extra],
         tmp / "stack.log",
         {"API_KEYS": f"{API_KEY},{OTHER_API_KEY}", "CHATSERVE_CORS_ORIGINS": CORS_ORIGIN,
          "CHATSERVE_RESPONSES_STORE": str(tmp / "responses.sqlite3")},
@@ -74,9 +82,7 @@ def stack(request, tmp_path_factory) -> Stack:
     )
     info = json.loads(wait_for_file(ready, launcher, timeout=600))
     metrics_url = f"http://127.0.0.1:{metrics_port.read_text().strip()}/metrics"
-    yield Stack(info["base_url"], info["grpc_target"], info["api_key"], launcher, engine, metrics_url)
-    code = launcher.stop()
-    assert code == 0, f"the stack did not stop cleanly ({code}):\n{launcher.log()[-3000:]}"
+    return Stack(info["base_url"], info["grpc_target"], info["api_key"], launcher, engine, metrics_url)
 
 
 @pytest.fixture(scope="session")

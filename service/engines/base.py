@@ -86,6 +86,10 @@ class Codec(Protocol):
         """One token's text and exact bytes, for log probabilities."""
         ...
 
+    def template_text(self) -> str:
+        """The model's chat template ("" for none), for choosing a reasoning parser."""
+        ...
+
 
 class Backend(Protocol):
     """An inference engine. Errors are the service's own (service/errors.py); nothing here knows gRPC."""

@@ -77,6 +77,10 @@ class HFCodec:
 
         return IncrementalDetokenizer(self.tokenizer, skip_special_tokens, prompt_ids).step
 
+    def template_text(self) -> str:
+        template = getattr(self.tokenizer, "chat_template", None) or ""
+        return "\n".join(template.values()) if isinstance(template, dict) else template
+
     def token_repr(self, token: int) -> tuple[str, bytes]:
         cached = self._token_text.get(token)
         if cached is None:

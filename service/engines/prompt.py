@@ -11,7 +11,16 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from service.domain import ChatInput, Input, Message, TextInput, TokenInput, validate_messages, validate_tools
+from service.domain import (
+    ChatInput,
+    Input,
+    Message,
+    TextInput,
+    TokenInput,
+    validate_messages,
+    validate_template_kwargs,
+    validate_tools,
+)
 from service.engines.tool_calls import HermesFormat, ToolCallFormat, tool_json
 from service.errors import InvalidArgument
 
@@ -42,8 +51,10 @@ class PromptRenderer:
         # renders without the rest of a request's validation.
         validate_messages(chat.messages)
         validate_tools(chat)
+        validate_template_kwargs(chat.template_kwargs)
         tools = chat.offered_tools
-        kwargs: dict[str, Any] = {}
+        # The caller's template variables (enable_thinking, ...), over the service's defaults.
+        kwargs: dict[str, Any] = chat.template_variables()
         if self.template_knows_tools:
             messages = [_template_message(m) for m in chat.messages]
             if tools:
@@ -99,6 +110,8 @@ def _plain_message(m: Message) -> dict[str, Any]:
     message: dict[str, Any] = {"role": m.role, "content": m.content}
     if m.name:
         message["name"] = m.name
+    if m.reasoning_content:  # for templates that render earlier thinking (Qwen3's reads reasoning_content)
+        message["reasoning_content"] = m.reasoning_content
     return message
 
 

@@ -296,6 +296,9 @@ class SyntheticCodec:
     def detokenizer(self, skip_special_tokens: bool, prompt_ids: list[int]):
         return self.text
 
+    def template_text(self) -> str:
+        return ""
+
     def token_repr(self, token: int) -> tuple[str, bytes]:
         text = self.text(token)
         return text, text.encode()

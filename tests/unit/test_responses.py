@@ -156,3 +156,17 @@ def test_the_output_continues_as_chat_messages():
     assert builder.output_messages() == [{"role": "assistant", "content": "Checking.", "tool_calls": [
         {"id": "call_9", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]
     assert items_to_messages([]) == []
+
+
+def test_reasoning_is_an_output_item_of_its_own():
+    thinking = pb.GenerateResponse(choices=[pb.ChoiceDelta(index=0, reasoning="Two and two.", token_ids=[1, 2])])
+    final, events = build(request(), [thinking, text("Four.", pb.FINISH_REASON_STOP)],
+                          usage=pb.Usage(prompt_tokens=5, completion_tokens=4, reasoning_tokens=2))
+    assert_valid(final, "Response")
+    for event in events:
+        assert_valid(event, "ResponseStreamEvent")
+    reasoning, message = final["output"]
+    assert reasoning["type"] == "reasoning" and reasoning["content"][0]["text"] == "Two and two."
+    assert message["content"][0]["text"] == "Four."
+    assert final["usage"]["output_tokens_details"] == {"reasoning_tokens": 2}
+    assert "response.reasoning_text.delta" in [e["type"] for e in events]

@@ -56,7 +56,7 @@ def test_image_parts_are_refused_naming_the_part():
         ({"response_format": {"type": "yaml"}}, "response_format", "does not match"),
         ({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}, "response_format.json_schema.name", "Missing"),
         ({"functions": [{"name": "f"}]}, "functions", "use tools"),
-        ({"reasoning_effort": "high"}, "reasoning_effort", "reasoning models"),
+        ({"reasoning_effort": "maximal"}, "reasoning_effort", "Input should be"),
         ({"audio": {"voice": "x"}}, "audio", "text only"),
         ({"modalities": ["text", "audio"]}, "modalities[1]", "text only"),
         ({"messages": [{"role": "function", "content": "x"}]}, "messages[0].role", "tool messages"),
@@ -140,7 +140,8 @@ def test_chunk_encoder_shapes():
     final = json.loads(encoder.usage(pb.Usage(prompt_tokens=3, completion_tokens=4, cached_tokens=2)))
     assert final["choices"] == [] and final["id"] == "chatcmpl-1"
     assert final["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7,
-                              "prompt_tokens_details": {"cached_tokens": 2}}
+                              "prompt_tokens_details": {"cached_tokens": 2},
+                              "completion_tokens_details": {"reasoning_tokens": 0}}
 
 
 def test_chunk_without_include_usage_has_no_usage_key():
@@ -258,3 +259,35 @@ def test_chat_responses_carry_what_openais_schema_requires():
     encoder = ChatChunkEncoder("c", 1, "m", include_usage=False)
     (chunk,) = [json.loads(c) for c in encoder.encode(response(pb.ChoiceDelta(index=0, text="a", logprobs=[lp])))]
     assert "system_fingerprint" not in chunk and chunk["choices"][0]["logprobs"]["refusal"] is None
+
+
+def test_reasoning_effort_none_and_template_kwargs_reach_the_chat_template():
+    def chat(**fields):
+        req = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields})
+        return chat_to_proto(req, "r").request.input.chat
+
+    assert chat().chat_template_kwargs == ""
+    assert json.loads(chat(reasoning_effort="none").chat_template_kwargs) == {"enable_thinking": False}
+    assert chat(reasoning_effort="high").chat_template_kwargs == ""
+    both = chat(reasoning_effort="none", chat_template_kwargs={"enable_thinking": True, "x": [1]})
+    assert json.loads(both.chat_template_kwargs) == {"enable_thinking": True, "x": [1]}  # the explicit variable wins
+    history = ChatCompletionRequest.model_validate({"model": "m", "messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "4", "reasoning_content": "2+2"},
+        {"role": "user", "content": "and?"}]})
+    assert chat_to_proto(history, "r").request.input.chat.messages[1].reasoning_content == "2+2"
+
+
+def test_reasoning_streams_and_returns_apart_from_the_content():
+    deltas = [pb.ChoiceDelta(index=0, reasoning="Let me think.", token_ids=[1, 2]),
+              pb.ChoiceDelta(index=0, text="4", token_ids=[3], finish_reason=pb.FINISH_REASON_STOP)]
+    usage = pb.Usage(prompt_tokens=5, completion_tokens=3, reasoning_tokens=2)
+    encoder = ChatChunkEncoder("c", 1, "m", include_usage=True)
+    chunks = [json.loads(p) for d in deltas for p in encoder.encode(pb.GenerateResponse(choices=[d]))]
+    assert chunks[0]["choices"][0]["delta"] == {"reasoning_content": "Let me think.", "reasoning": "Let me think."}
+    assert chunks[1]["choices"][0]["delta"] == {"content": "4"}
+    assert json.loads(encoder.usage(usage))["usage"]["completion_tokens_details"] == {"reasoning_tokens": 2}
+    accumulator = ChatAccumulator(1, logprobs=False)
+    for d in deltas:
+        accumulator.add(pb.GenerateResponse(choices=[d]))
+    message = accumulator.response("c", 1, "m", usage)["choices"][0]["message"]
+    assert message["content"] == "4" and message["reasoning_content"] == message["reasoning"] == "Let me think."
