@@ -169,6 +169,9 @@ def to_chat(req: CountTokensRequest) -> dict[str, Any]:
                 message["reasoning_content"] = "".join(thoughts)
             messages.append(message)
     body: dict[str, Any] = {"model": req.model, "messages": messages}
+    if req.messages[-1].role == "assistant" and messages and messages[-1]["role"] == "assistant":
+        # Anthropic's prefill: a last assistant turn is the start of the answer, which continues it.
+        body["continue_final_message"] = True
     if req.tools:
         for t in req.tools:
             if t.type not in (None, "custom"):

@@ -42,6 +42,7 @@ _PARAMS = {
     "input.chat.tool_choice": "tool_choice",
     "input.chat.parallel_tool_calls": "parallel_tool_calls",
     "input.chat.chat_template_kwargs": "chat_template_kwargs",
+    "input.chat.continue_final_message": "continue_final_message",
 }
 # Fields inside a tool or a message's tool call sit under "function" in OpenAI's shape.
 _FUNCTION_FIELD = re.compile(r"^(tools\[\d+\]|messages\[\d+\]\.tool_calls\[\d+\])\.(name|parameters|arguments|description)$")

@@ -229,6 +229,10 @@ class ChatCompletionRequest(SamplingFields):
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
     # Extra variables for the model's chat template, e.g. {"enable_thinking": false} (as SGLang and vLLM accept).
     chat_template_kwargs: dict[str, Any] | None = None
+    # Assistant prefill (as vLLM and SGLang accept): with continue_final_message and add_generation_prompt false, the
+    # last (assistant) message is continued rather than closed; the answer is the continuation.
+    add_generation_prompt: StrictBool | None = None
+    continue_final_message: StrictBool | None = None
 
 
 class CompletionRequest(SamplingFields):

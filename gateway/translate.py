@@ -149,6 +149,12 @@ def chat_to_proto(req: ChatCompletionRequest, request_id: str) -> Translated:
         template_kwargs.setdefault("enable_thinking", False)
     if template_kwargs:
         chat.chat_template_kwargs = json.dumps(template_kwargs, ensure_ascii=False)
+    if req.continue_final_message:
+        chat.continue_final_message = True
+        # Continuing a message means opening no new turn, unless the caller insists (then the service says no).
+        chat.add_generation_prompt = bool(req.add_generation_prompt)
+    elif req.add_generation_prompt is not None:
+        chat.add_generation_prompt = req.add_generation_prompt
     constraint = constraint_to_proto(req, req.response_format)
     alias = {}
     if req.max_completion_tokens is not None:

@@ -28,6 +28,8 @@ class ServiceConfig:
     dtype: str = "auto"
     # How the model writes tool calls (service/engines/tool_calls.py): its prompt, grammar and parser.
     tool_parser: str = "hermes"
+    # A Jinja chat template file used instead of the model's own.
+    chat_template: str | None = None
     # How the model's reasoning is told from its answer (service/engines/reasoning.py); auto reads the template.
     reasoning_parser: str = "auto"
     # Chat-template variables every chat gets unless it sets them itself, e.g. (("enable_thinking", False),).
@@ -130,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     add(p, "--tool-parser", choices=sorted(FORMATS), default=d.tool_parser,
         help="the model's tool-call syntax: hermes is <tool_call>{...}</tool_call> (Hermes, Qwen2.5, Qwen3, and the "
         "default model, which is prompted with it)")
+    add(p, "--chat-template", type=_template_file, help="a Jinja chat template file to use instead of the model's own (for both engines: "
+        "the service renders every prompt itself)")
     add(p, "--reasoning-parser", choices=PARSERS, default=d.reasoning_parser,
         help="how the model's thinking is told from its answer (reasoning_content): qwen3 (<think>...</think> at the "
         "start), qwen3-thinking (Qwen3-2507 Thinking: the output starts inside it), none; auto reads the chat template")
@@ -198,6 +202,7 @@ def parse_args(argv: list[str] | None = None) -> ServiceConfig:
         max_output_tokens=a.max_output_tokens,
         dtype=a.dtype,
         tool_parser=a.tool_parser,
+        chat_template=a.chat_template,
         reasoning_parser=a.reasoning_parser,
         chat_template_kwargs=tuple(sorted(a.chat_template_kwargs.items())),
         threads=a.threads,
@@ -243,3 +248,9 @@ def _template_kwargs(text: str) -> dict:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("give a JSON object, e.g. '{\"enable_thinking\": false}'")
     return value
+
+
+def _template_file(path: str) -> str:
+    if not os.path.isfile(path):
+        raise argparse.ArgumentTypeError(f"no such file: {path}")
+    return path

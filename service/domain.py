@@ -74,6 +74,8 @@ class ToolChoice:
 class ChatInput:
     messages: tuple[Message, ...]
     add_generation_prompt: bool = True
+    # The last (assistant) message is a prefill the answer continues, not a closed turn.
+    continue_final_message: bool = False
     tools: tuple[Tool, ...] = ()
     tool_choice: ToolChoice = ToolChoice()
     parallel_tool_calls: bool = True
@@ -380,6 +382,18 @@ def validate_tools(chat: ChatInput) -> None:
         raise InvalidArgument("input.chat.tool_choice", f"tool_choice names the function {choice.function!r}, which is not among the tools")
 
 
+def validate_continuation(chat: ChatInput) -> None:
+    if not chat.continue_final_message:
+        return
+    if chat.add_generation_prompt:
+        raise InvalidArgument("input.chat.continue_final_message",
+                              "continue_final_message needs add_generation_prompt false: the last message is continued, "
+                              "no new turn is opened")
+    if chat.messages[-1].role != "assistant":
+        raise InvalidArgument("input.chat.continue_final_message",
+                              "continue_final_message continues the last message, which must be an assistant message")
+
+
 # Chat-template variables a caller may not set: the renderer's own arguments.
 RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "tools", "documents", "add_generation_prompt", "tokenize",
                                       "continue_final_message", "return_dict", "chat_template", "tokenizer"})
@@ -450,6 +464,7 @@ def validate_request(request: GenerateRequest, info: ModelInfo) -> None:
             if len(messages) > MAX_MESSAGES:
                 raise InvalidArgument("input.chat.messages", f"at most {MAX_MESSAGES} messages are allowed")
             validate_messages(messages)
+            validate_continuation(request.input)
             validate_tools(request.input)
             validate_template_kwargs(request.input.template_kwargs)
             if request.constraint is not None and request.input.tool_choice.forced:

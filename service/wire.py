@@ -68,6 +68,7 @@ def input_from_proto(message: pb.Input) -> Input:
                 for m in chat.messages
             ),
             add_generation_prompt=chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True,
+            continue_final_message=chat.continue_final_message,
             tools=tuple(Tool(t.name, t.description, t.parameters) for t in chat.tools),
             tool_choice=tool_choice_from_proto(chat.tool_choice),
             parallel_tool_calls=chat.parallel_tool_calls if chat.HasField("parallel_tool_calls") else True,

@@ -62,9 +62,12 @@ class HFCodec:
     """A Hugging Face tokenizer as the pipeline's `Codec` (service/engines/base.py), shared by every engine that
     serves a Hugging Face model folder: the same chat template, tokenization and detokenization everywhere."""
 
-    def __init__(self, tokenizer: Any, tool_format: Any = None) -> None:
+    def __init__(self, tokenizer: Any, tool_format: Any = None, chat_template: str | None = None) -> None:
+        """`chat_template`: a Jinja chat template file to use instead of the model's own (--chat-template)."""
         from service.engines.prompt import PromptRenderer
 
+        if chat_template:
+            tokenizer.chat_template = Path(chat_template).read_text(encoding="utf-8")
         self.tokenizer = tokenizer
         self.renderer = PromptRenderer(tokenizer, tool_format)
         self._token_text: dict[int, tuple[str, bytes]] = {}

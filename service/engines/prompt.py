@@ -17,6 +17,7 @@ from service.domain import (
     Message,
     TextInput,
     TokenInput,
+    validate_continuation,
     validate_messages,
     validate_template_kwargs,
     validate_tools,
@@ -50,6 +51,7 @@ class PromptRenderer:
         # Rendering reads tool schemas and call arguments as JSON: check them here too, since CountTokens
         # renders without the rest of a request's validation.
         validate_messages(chat.messages)
+        validate_continuation(chat)
         validate_tools(chat)
         validate_template_kwargs(chat.template_kwargs)
         tools = chat.offered_tools
@@ -63,7 +65,8 @@ class PromptRenderer:
             messages = self._fold_tools(chat)
         try:
             return self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=chat.add_generation_prompt, **kwargs
+                messages, tokenize=False, add_generation_prompt=chat.add_generation_prompt,
+                continue_final_message=chat.continue_final_message, **kwargs
             )
         except Exception as e:  # jinja2.TemplateError and friends: the template refused these messages
             raise InvalidArgument("input.chat.messages", f"the model's chat template rejected the messages: {e}") from e

@@ -94,7 +94,7 @@ class SGLangEngine:
         path = Path(config.model) if config.model else ensure_default_model()
         started = time.monotonic()
         self._tokenizer = AutoTokenizer.from_pretrained(path)
-        self.codec = HFCodec(self._tokenizer, tool_format(config.tool_parser))
+        self.codec = HFCodec(self._tokenizer, tool_format(config.tool_parser), config.chat_template)
         model_defaults = generation_config(path)
         self.defaults = sampling_defaults(model_defaults)
         self.end_ids = eos_ids(model_defaults, self._tokenizer)

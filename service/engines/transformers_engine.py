@@ -113,7 +113,7 @@ class TransformersEngine:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
         model.eval()
         self._model = model
-        self.codec = HFCodec(self._tokenizer, tool_format(config.tool_parser))
+        self.codec = HFCodec(self._tokenizer, tool_format(config.tool_parser), config.chat_template)
         self.defaults = sampling_defaults(model.generation_config)
         self.end_ids = eos_ids(model.generation_config, self._tokenizer)
         # The logits can be wider than the tokenizer's vocabulary (padding rows); the bitmask covers them all.

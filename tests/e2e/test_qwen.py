@@ -150,3 +150,15 @@ def test_the_qwen2_architecture_serves_too(qwen2):
                                         extra_body={"regex": "<think>\n想一想\n</think>\n\n你好！"})
     message = reply.choices[0].message
     assert (message.reasoning_content, message.content, reply.choices[0].finish_reason) == ("想一想", "你好！", "stop")
+
+
+def test_an_assistant_prefill_is_continued(llm, tokenizer):
+    messages = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>\n\n</think>\n\nIt is"}]
+    reply = forced(llm, r" 4\.", messages=messages, extra={"continue_final_message": True})
+    assert reply.choices[0].message.content == " 4." and reply.choices[0].finish_reason == "stop"
+    expected = ids(tokenizer.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True,
+                                                 tokenize=True))
+    assert reply.usage.prompt_tokens == len(expected)
+    with pytest.raises(openai.BadRequestError) as refused:
+        forced(llm, "x", messages=messages[:1], extra={"continue_final_message": True})
+    assert refused.value.body["param"] == "continue_final_message"

@@ -189,3 +189,16 @@ def test_a_prompt_far_beyond_the_context_window_is_refused_before_tokenizing():
         with pytest.raises(InvalidArgument) as caught:
             validate_request(GenerateRequest("r", prompt), INFO)
         assert caught.value.field == "input" and "context window of 100 tokens" in str(caught.value)
+
+
+def test_continuing_the_final_message_needs_an_assistant_message_and_no_new_turn():
+    from service.domain import ChatInput, GenerateRequest, Message, ModelInfo, validate_request
+
+    info = ModelInfo("m", "e", 2048, 512, 1000, 0)
+    turns = (Message("user", "Hi"), Message("assistant", "Hello, I"))
+    validate_request(GenerateRequest("r", ChatInput(turns, add_generation_prompt=False, continue_final_message=True)), info)
+    for bad in (ChatInput(turns, continue_final_message=True),
+                ChatInput(turns[:1], add_generation_prompt=False, continue_final_message=True)):
+        with pytest.raises(InvalidArgument) as refused:
+            validate_request(GenerateRequest("r", bad), info)
+        assert refused.value.field == "input.chat.continue_final_message"

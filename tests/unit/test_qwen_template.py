@@ -66,3 +66,27 @@ def test_thinking_switches_and_earlier_reasoning(tokenizer):
     off = ChatInput(turns, template_kwargs='{"enable_thinking": false}')
     assert renderer.token_ids(off) == reference(tokenizer, plain, enable_thinking=False)
     assert tokenizer.decode(renderer.token_ids(off)).endswith("<think>\n\n</think>\n\n")
+
+
+def test_a_prefilled_assistant_message_is_continued(tokenizer):
+    renderer = PromptRenderer(tokenizer, HermesFormat())
+    chat = ChatInput((Message("user", "2+2?"), Message("assistant", "The answer is")), add_generation_prompt=False,
+                     continue_final_message=True)
+    expected = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "The answer is"}],
+        add_generation_prompt=False, continue_final_message=True, tokenize=False)
+    assert renderer.render_chat(chat) == expected and expected.endswith("The answer is")
+
+
+def test_a_chat_template_file_replaces_the_models(tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
+    from service.engines.hf_model import HFCodec
+
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}[assistant] {% endif %}")
+    codec = HFCodec(AutoTokenizer.from_pretrained(tokenizer_dir()), HermesFormat(), str(template))
+    ids = codec.prompt_ids(ChatInput((Message("user", "Hi"),)))
+    assert codec.tokenizer.decode(ids) == "[user] Hi\n[assistant] "
+    assert codec.template_text().startswith("{% for m in messages %}")
