@@ -27,7 +27,7 @@ class ServiceConfig:
     max_output_tokens: int = 8192
     dtype: str = "auto"
     # How the model writes tool calls (service/engines/tool_calls.py): its prompt, grammar and parser.
-    tool_parser: str = "hermes"
+    tool_parser: str = "auto"
     # A Jinja chat template file used instead of the model's own.
     chat_template: str | None = None
     # How the model's reasoning is told from its answer (service/engines/reasoning.py); auto reads the template.
@@ -129,9 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     add(p, "--max-output-tokens", type=int, default=d.max_output_tokens, help="most tokens one answer may have")
     add(p, "--dtype", default=d.dtype, help="weights: auto, float32, bfloat16 or float16 (auto: float32 on CPUs, "
         "or bfloat16 for SGLang where the CPU has bf16 units; the model's own on GPUs)")
-    add(p, "--tool-parser", choices=sorted(FORMATS), default=d.tool_parser,
+    add(p, "--tool-parser", choices=["auto", *sorted(FORMATS)], default=d.tool_parser,
         help="the model's tool-call syntax: hermes is <tool_call>{...}</tool_call> (Hermes, Qwen2.5, Qwen3, and the "
-        "default model, which is prompted with it)")
+        "default model, which is prompted with it); qwen3_coder is the XML <function=...><parameter=...> of "
+        "Qwen3-Coder and Qwen3.5+; auto reads the model's chat template")
     add(p, "--chat-template", type=_template_file, help="a Jinja chat template file to use instead of the model's own (for both engines: "
         "the service renders every prompt itself)")
     add(p, "--reasoning-parser", choices=PARSERS, default=d.reasoning_parser,

@@ -46,7 +46,7 @@ from service.engines import reasoning
 from service.engines.base import Backend, ChoiceJob, Codec, EngineStats, RawLogprob, TokenChunk
 from service.engines.reasoning import ReasoningSplitter
 from service.engines.text import StopMatcher
-from service.engines.tool_calls import ToolCallExtractor, ToolCallFormat
+from service.engines.tool_calls import ToolCallExtractor, ToolCallFormat, tool_format
 from service.errors import EngineFailure, ServiceError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -175,12 +175,13 @@ class Pipeline:
     def __init__(
         self,
         backend: Backend,
-        tool_format: ToolCallFormat,
+        tool_calls: ToolCallFormat | str,
         reasoning_parser: str = "auto",
         template_defaults: dict[str, Any] | None = None,
     ) -> None:
         self._backend = backend
-        self._tool_format = tool_format
+        # A format, or a --tool-parser name resolved at start (auto reads the model's template).
+        self._tool_format = tool_calls
         self._reasoning_flag = reasoning_parser
         self.reasoning_parser = "none"  # chosen at start, from the flag and the model's template
         self._template_defaults = dict(template_defaults or {})
@@ -206,7 +207,10 @@ class Pipeline:
 
     async def start(self) -> None:
         await self._backend.start()
-        self.reasoning_parser = reasoning.choose(self._reasoning_flag, self._backend.codec.template_text())
+        template = self._backend.codec.template_text()
+        self.reasoning_parser = reasoning.choose(self._reasoning_flag, template)
+        if isinstance(self._tool_format, str):
+            self._tool_format = tool_format(self._tool_format, template)
         if self.reasoning_parser != "none":
             log.info("reasoning parser: %s", self.reasoning_parser)
         self._ready = True

@@ -23,7 +23,6 @@ from generate.v1 import generate_pb2, generate_pb2_grpc
 from service.admission import Admission
 from service.config import ServiceConfig
 from service.engines import Backend, create_engine
-from service.engines.tool_calls import tool_format
 from service.metrics import ServiceMetrics
 from service.pipeline import Pipeline
 from service.servicer import GenerateServicer, Pacing
@@ -46,7 +45,7 @@ async def serve(config: ServiceConfig, backend: Backend | None = None) -> ExitCo
     metrics = ServiceMetrics()
     engine = Pipeline(
         backend or create_engine(config),
-        tool_format(config.tool_parser),
+        config.tool_parser,
         config.reasoning_parser,
         dict(config.chat_template_kwargs),
     )

@@ -199,7 +199,8 @@ def _tool_grammar(
         {
             "type": "tag",
             "begin": fmt.call_begin(t.name),
-            "content": {"type": "grammar", "grammar": _json_grammar(_parameters(t))},
+            "content": (_xml_arguments(t) if getattr(fmt, "arguments", "json") == "xml"
+                        else {"type": "grammar", "grammar": _json_grammar(_parameters(t))}),
             "end": fmt.call_end,
         }
         for t in callable_tools
@@ -215,3 +216,43 @@ def _tool_grammar(
                 "stop_after_first": not parallel}
     grammar = xgr.Grammar.from_structural_tag(json.dumps({"type": "structural_tag", "format": root}))
     return str(grammar)
+
+
+def _xml_arguments(tool: Tool) -> dict:
+    """A call's parameters in the XML syntax (service/engines/qwen3_coder.py), in the schema's order: each
+    `<parameter=NAME>` tag once, the required ones always, each value shaped by its type."""
+    schema = tool.parameters_schema()
+    required = set(schema.get("required") or ())
+    elements = []
+    for name, sub in (schema.get("properties") or {}).items():
+        tag = {"type": "tag", "begin": f"<parameter={name}>\n", "content": _xml_value(sub if isinstance(sub, dict) else {}),
+               "end": "\n</parameter>\n"}
+        elements.append(tag if name in required else {"type": "or", "elements": [tag, {"type": "const_string", "value": ""}]})
+    if not elements:
+        return {"type": "const_string", "value": ""}
+    return elements[0] if len(elements) == 1 else {"type": "sequence", "elements": elements}
+
+
+def _xml_value(schema: dict) -> dict:
+    """A parameter's value as the model writes it: strings as raw text, numbers and booleans bare, the rest as JSON
+    under its schema (as qwen3_coder.typed reads it back)."""
+    kinds = schema.get("type")
+    kinds = kinds if isinstance(kinds, list) else [kinds] if kinds else []
+    enum = schema.get("enum")
+    if isinstance(enum, list) and enum and all(isinstance(e, str) for e in enum):
+        return {"type": "regex", "pattern": "|".join(re.escape(e) for e in enum)}
+    if kinds == ["string"] and isinstance(schema.get("pattern"), str):
+        return {"type": "regex", "pattern": schema["pattern"]}
+    if kinds == ["string"] and ("maxLength" in schema or "minLength" in schema):
+        low, high = int(schema.get("minLength", 0)), schema.get("maxLength")
+        return {"type": "regex", "pattern": f"[^<]{{{low},{'' if high is None else int(high)}}}"}
+    if kinds == ["string"] or (not kinds and not enum):
+        return {"type": "any_text"}  # any text up to the tag's end
+    # Digits are bounded (int64, and as many for a number's parts), so a value always ends.
+    if kinds == ["integer"]:
+        return {"type": "regex", "pattern": r"-?(0|[1-9][0-9]{0,17})"}
+    if kinds == ["number"]:
+        return {"type": "regex", "pattern": r"-?(0|[1-9][0-9]{0,17})(\.[0-9]{1,17})?([eE][+-]?[0-9]{1,3})?"}
+    if kinds == ["boolean"]:
+        return {"type": "regex", "pattern": "true|false"}
+    return {"type": "json_schema", "json_schema": schema}

@@ -66,9 +66,13 @@ class HFCodec:
         """`chat_template`: a Jinja chat template file to use instead of the model's own (--chat-template)."""
         from service.engines.prompt import PromptRenderer
 
+        from service.engines.tool_calls import tool_format as named_format
+
         if chat_template:
             tokenizer.chat_template = Path(chat_template).read_text(encoding="utf-8")
         self.tokenizer = tokenizer
+        if isinstance(tool_format, str):  # a --tool-parser name; auto reads the template
+            tool_format = named_format(tool_format, self.template_text())
         self.renderer = PromptRenderer(tokenizer, tool_format)
         self._token_text: dict[int, tuple[str, bytes]] = {}
 

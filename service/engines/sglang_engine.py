@@ -36,7 +36,6 @@ from service.engines.sglang_compat import (
     seed_refusal,
     without_loop_signal_handler,
 )
-from service.engines.tool_calls import tool_format
 from service.errors import InvalidArgument, Unavailable
 
 if TYPE_CHECKING:
@@ -94,7 +93,7 @@ class SGLangEngine:
         path = Path(config.model) if config.model else ensure_default_model()
         started = time.monotonic()
         self._tokenizer = AutoTokenizer.from_pretrained(path)
-        self.codec = HFCodec(self._tokenizer, tool_format(config.tool_parser), config.chat_template)
+        self.codec = HFCodec(self._tokenizer, config.tool_parser, config.chat_template)
         model_defaults = generation_config(path)
         self.defaults = sampling_defaults(model_defaults)
         self.end_ids = eos_ids(model_defaults, self._tokenizer)

@@ -64,7 +64,7 @@ class ToolCallFormat(Protocol):
         """The exact text that opens a call of `tool`, up to its arguments' JSON."""
         ...
 
-    def parser(self, tools: Iterable[str]) -> ToolCallParser: ...
+    def parser(self, tools: Iterable[Tool]) -> ToolCallParser: ...
 
     def system_prompt(self, tools: tuple[Tool, ...]) -> str:
         """Describes the tools and the call syntax, for a chat template that knows no tools."""
@@ -101,12 +101,13 @@ class HermesFormat:
     trigger = "<tool_call>"
     separator = "\n"
     call_end = "}\n</tool_call>"
+    arguments = "json"  # how grammar.py shapes a call's arguments
 
     def call_begin(self, tool: str) -> str:
         return '<tool_call>\n{"name": ' + json.dumps(tool, ensure_ascii=False) + ', "arguments": '
 
-    def parser(self, tools: Iterable[str]) -> HermesParser:
-        return HermesParser(frozenset(tools))
+    def parser(self, tools: Iterable[Tool]) -> HermesParser:
+        return HermesParser(frozenset(t.name for t in tools))
 
     def system_prompt(self, tools: tuple[Tool, ...]) -> str:
         listed = "".join("\n" + json.dumps(tool_json(t), ensure_ascii=False) for t in tools)
@@ -182,7 +183,7 @@ class HermesParser:
                 self._buf = buf[at + len(self._START) :]
                 self._mode = "head"
                 return True
-            keep = _partial_suffix(buf, self._START)
+            keep = partial_suffix(buf, self._START)
             cut = len(buf) - keep
             while cut > 0 and buf[cut - 1].isspace():
                 cut -= 1
@@ -251,7 +252,7 @@ def _whole_call(body: str, tools: frozenset[str]) -> tuple[str, str] | None:
     return call["name"], json.dumps(arguments, ensure_ascii=False)
 
 
-def _partial_suffix(text: str, tag: str) -> int:
+def partial_suffix(text: str, tag: str) -> int:
     """The length of the longest tail of `text` that is a proper prefix of `tag`."""
     for size in range(min(len(tag) - 1, len(text)), 0, -1):
         if tag.startswith(text[-size:]):
@@ -312,11 +313,16 @@ class _JsonValueEnd:
 
 # ---------------------------------------------------------------------------------------------- registry
 
-FORMATS: dict[str, type] = {HermesFormat.name: HermesFormat}
+from service.engines.qwen3_coder import Qwen3CoderFormat  # noqa: E402  (it builds on the names above)
+
+FORMATS: dict[str, type] = {HermesFormat.name: HermesFormat, Qwen3CoderFormat.name: Qwen3CoderFormat}
 DEFAULT_FORMAT = HermesFormat.name
 
 
-def tool_format(name: str) -> ToolCallFormat:
+def tool_format(name: str, template: str = "") -> ToolCallFormat:
+    """The format named `name`; `auto` reads the model's chat template (XML calls: qwen3_coder, else hermes)."""
+    if name == "auto":
+        name = Qwen3CoderFormat.name if "<function=" in template else HermesFormat.name
     try:
         return FORMATS[name]()
     except KeyError:
@@ -329,8 +335,7 @@ class ToolCallExtractor:
     A choice that stopped after making calls finishes with TOOL_CALLS."""
 
     def __init__(self, fmt: ToolCallFormat, tools: tuple[Tool, ...], n: int) -> None:
-        names = [t.name for t in tools]
-        self._parsers = [fmt.parser(names) for _ in range(n)]
+        self._parsers = [fmt.parser(tools) for _ in range(n)]
 
     def apply(self, delta: ChoiceDelta) -> ChoiceDelta:
         parser = self._parsers[delta.index]

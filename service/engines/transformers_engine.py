@@ -30,7 +30,6 @@ from service.engines.default_model import ensure_default_model
 from service.engines.grammar import GrammarSpec, compile_grammar
 from service.engines.hf_model import HFCodec, eos_ids, model_name, sampling_defaults
 from service.engines.sampling import RequestSampler, SamplingPlan
-from service.engines.tool_calls import tool_format
 from service.errors import EngineFailure
 
 if TYPE_CHECKING:
@@ -113,7 +112,7 @@ class TransformersEngine:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
         model.eval()
         self._model = model
-        self.codec = HFCodec(self._tokenizer, tool_format(config.tool_parser), config.chat_template)
+        self.codec = HFCodec(self._tokenizer, config.tool_parser, config.chat_template)
         self.defaults = sampling_defaults(model.generation_config)
         self.end_ids = eos_ids(model.generation_config, self._tokenizer)
         # The logits can be wider than the tokenizer's vocabulary (padding rows); the bitmask covers them all.

@@ -14,6 +14,7 @@ Run with `make test-sglang`; skipped where sglang is not installed.
 from __future__ import annotations
 
 import asyncio
+import json
 import inspect
 import os
 import signal
@@ -626,6 +627,28 @@ def test_sglangs_matcher_accepts_the_call_our_parser_reads(tokenizer, grammar_ba
     wrong = grammar_backend.dispatch_ebnf(spec.text)
     with pytest.raises(ValueError):
         for token in encode(tokenizer, text.replace('"c"', '"kelvin"')):
+            wrong.accept_token(token)
+
+
+@pytest.mark.parametrize("name", ["tools-required", "tools-named", "tools-auto"])
+def test_sglangs_matcher_accepts_the_xml_call_our_qwen3_coder_parser_reads(tokenizer, grammar_backend, name):
+    from service.engines.qwen3_coder import Qwen3CoderFormat
+
+    fmt = Qwen3CoderFormat()
+    spec = grammar_for(GRAMMARS[name], fmt)
+    grammar = grammar_backend.dispatch_ebnf(spec.text)
+    text = ("<tool_call>\n<function=get_weather>\n<parameter=city>\nOslo\n</parameter>\n<parameter=unit>\nc\n"
+            "</parameter>\n</function>\n</tool_call>")
+    for token in encode(tokenizer, text) + [tokenizer.eos_token_id]:
+        grammar.accept_token(token)
+    assert grammar.is_terminated()
+    parser = fmt.parser((TIME_TOOL, WEATHER_TOOL))
+    parsed = parser.feed(text)
+    parsed.calls += parser.finish().calls
+    assert json.loads("".join(c.arguments for c in parsed.calls)) == {"city": "Oslo", "unit": "c"}
+    wrong = grammar_backend.dispatch_ebnf(spec.text)
+    with pytest.raises(ValueError):
+        for token in encode(tokenizer, text.replace("\nc\n", "\nkelvin\n")):
             wrong.accept_token(token)
 
 

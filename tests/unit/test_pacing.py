@@ -6,7 +6,6 @@ makes tokens at a known, steady rate."""
 from __future__ import annotations
 
 import grpc
-import pytest
 
 from proto.generate.v1 import generate_pb2 as pb
 from proto.generate.v1 import generate_pb2_grpc as pb_grpc

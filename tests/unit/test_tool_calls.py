@@ -91,7 +91,7 @@ RECORDED = {
 
 def run(pieces: list[str], tools=TOOLS):
     """Feed the pieces, then finish; returns (content, calls, deltas) as a client would assemble them."""
-    parser = HermesFormat().parser(tools)
+    parser = HermesFormat().parser(Tool(name) for name in tools)
     text, deltas = "", []
     for piece in pieces:
         out = parser.feed(piece)
@@ -144,7 +144,7 @@ def test_arguments_stream_as_they_are_written():
 
 
 def test_text_that_might_open_a_call_is_held_back_until_decided():
-    parser = HermesFormat().parser(TOOLS)
+    parser = HermesFormat().parser(Tool(name) for name in TOOLS)
     assert parser.feed("The answer is 42. <tool").text == "The answer is 42."
     assert parser.feed("box> is not a tag").text == " <toolbox> is not a tag"
     assert parser.feed("\n").text == ""  # trailing whitespace waits: it could precede a call
