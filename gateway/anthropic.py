@@ -191,6 +191,8 @@ def to_chat(req: CountTokensRequest) -> dict[str, Any]:
             body["parallel_tool_calls"] = False
     if req.thinking is not None and req.thinking.type == "disabled":
         body["chat_template_kwargs"] = {"enable_thinking": False}
+    elif req.thinking is not None and req.thinking.budget_tokens is not None:
+        body["max_reasoning_tokens"] = req.thinking.budget_tokens
     if isinstance(req, MessagesRequest):
         if req.max_tokens < 1:
             raise BadRequest("max_tokens: must be at least 1", param="max_tokens")

@@ -192,6 +192,8 @@ class SamplingFields(_Model):
     stop_token_ids: list[StrictInt] | None = None
     ignore_eos: StrictBool | None = None
     skip_special_tokens: StrictBool | None = None
+    # A reasoning model's thinking is closed after this many tokens, so the answer always comes.
+    max_reasoning_tokens: StrictInt | None = None
     # Constrained decoding, as SGLang takes it: the output matches this regex or EBNF grammar.
     regex: StrictStr | None = None
     ebnf: StrictStr | None = None

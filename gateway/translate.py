@@ -96,6 +96,8 @@ def sampling_to_proto(req: SamplingFields, max_tokens: int | None, max_tokens_pa
             s.logit_bias[_uint(token_id, "logit_bias")] = _finite(bias, "logit_bias")
     if req.skip_special_tokens is not None:
         s.skip_special_tokens = req.skip_special_tokens
+    if (value := _uint(req.max_reasoning_tokens, "max_reasoning_tokens")) is not None:
+        s.max_reasoning_tokens = value
     return s
 
 

@@ -34,6 +34,8 @@ class ServiceConfig:
     reasoning_parser: str = "auto"
     # Chat-template variables every chat gets unless it sets them itself, e.g. (("enable_thinking", False),).
     chat_template_kwargs: tuple[tuple[str, object], ...] = ()
+    # A reasoning model's thinking is closed after this many tokens unless a request says otherwise; None: no cap.
+    max_reasoning_tokens: int | None = None
     # Compute threads of the CPU engines (torch intra-op threads); None: one per core this process may use.
     threads: int | None = None
     # KV cache size in tokens; None: the engine's default (transformers 32768, SGLang on CPU sized from memory).
@@ -140,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
         "start), qwen3-thinking (Qwen3-2507 Thinking: the output starts inside it), none; auto reads the chat template")
     add(p, "--chat-template-kwargs", type=_template_kwargs, default={},
         help='chat-template variables every chat gets unless it sets them, as a JSON object, e.g. \'{"enable_thinking": false}\'')
+    add(p, "--max-reasoning-tokens", type=int, help="close a reasoning model's thinking after this many tokens, so "
+        "its answer always comes (a request's max_reasoning_tokens overrides it; default: no cap)")
     add(p, "--threads", type=int, help="compute threads of the CPU engines (default: one per core this process may "
         "use; on a machine shared with other busy processes, fewer is faster)")
     add(p, "--kv-cache-tokens", type=int, help="KV cache size in tokens (default: transformers 32768; sglang on CPU: "
@@ -206,6 +210,7 @@ def parse_args(argv: list[str] | None = None) -> ServiceConfig:
         chat_template=a.chat_template,
         reasoning_parser=a.reasoning_parser,
         chat_template_kwargs=tuple(sorted(a.chat_template_kwargs.items())),
+        max_reasoning_tokens=a.max_reasoning_tokens,
         threads=a.threads,
         kv_cache_tokens=a.kv_cache_tokens,
         page_size=a.page_size,

@@ -136,6 +136,7 @@ class SamplingParams:
     seed: int | None = None
     logit_bias: Mapping[int, float] = field(default_factory=lambda: MappingProxyType({}))
     skip_special_tokens: bool = True
+    max_reasoning_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +171,7 @@ class ResolvedSampling:
     seed: int | None
     logit_bias: Mapping[int, float]
     skip_special_tokens: bool
+    max_reasoning_tokens: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -532,4 +534,5 @@ def resolve(
         seed=s.seed,
         logit_bias=s.logit_bias,
         skip_special_tokens=s.skip_special_tokens,
+        max_reasoning_tokens=s.max_reasoning_tokens,
     )

@@ -44,10 +44,10 @@ from service.domain import (
 )
 from service.engines import reasoning
 from service.engines.base import Backend, ChoiceJob, Codec, EngineStats, RawLogprob, TokenChunk
-from service.engines.reasoning import ReasoningSplitter
+from service.engines.reasoning import ReasoningSplitter, ThinkingBudget
 from service.engines.text import StopMatcher
 from service.engines.tool_calls import ToolCallExtractor, ToolCallFormat, tool_format
-from service.errors import EngineFailure, ServiceError, Unavailable
+from service.errors import EngineFailure, InvalidArgument, ServiceError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +178,7 @@ class Pipeline:
         tool_calls: ToolCallFormat | str,
         reasoning_parser: str = "auto",
         template_defaults: dict[str, Any] | None = None,
+        max_reasoning_tokens: int | None = None,
     ) -> None:
         self._backend = backend
         # A format, or a --tool-parser name resolved at start (auto reads the model's template).
@@ -185,6 +186,7 @@ class Pipeline:
         self._reasoning_flag = reasoning_parser
         self.reasoning_parser = "none"  # chosen at start, from the flag and the model's template
         self._template_defaults = dict(template_defaults or {})
+        self._max_reasoning_tokens = max_reasoning_tokens
         self._ready = False
         self._inflight: set[_Mailbox] = set()
 
@@ -275,10 +277,12 @@ class Pipeline:
         prompt_ids = await asyncio.to_thread(backend.codec.prompt_ids, self._with_defaults(request.input))
         sampling = resolve(request.sampling, backend.defaults, len(prompt_ids), info)
         backend.refuse(sampling)
+        thinks = self._thinks(request.input)
+        thinking = self._thinking_budget(sampling, prompt_ids) if thinks else None
         grammar = None
         if request.constraint is not None or request.tools:
             # Milliseconds (cached per grammar text), a large schema longer: off the event loop.
-            grammar = await asyncio.to_thread(self._grammar, request)
+            grammar = await asyncio.to_thread(self._grammar, request, thinks)
         end_ids = () if sampling.ignore_eos else backend.end_ids
         end_ids += tuple(t for t in sampling.stop_token_ids if t not in end_ids)
         jobs = [
@@ -293,6 +297,7 @@ class Pipeline:
                 end_ids=end_ids,
                 top_logprobs=request.top_logprobs,
                 grammar=grammar,
+                thinking=thinking,
             )
             for i in range(request.n)
         ]
@@ -340,11 +345,33 @@ class Pipeline:
                 stream.cancel()
             await asyncio.gather(*streams, return_exceptions=True)
 
-    def _grammar(self, request: GenerateRequest) -> Any:
-        from service.engines.grammar import grammar_for
+    def _thinks(self, input: Input) -> bool:
+        """Whether the model will think before answering this request (a reasoning parser, thinking not off)."""
+        if self.reasoning_parser == "none" or not isinstance(input, ChatInput):
+            return False
+        return self._with_defaults(input).template_variables().get("enable_thinking", True) is not False
+
+    def _thinking_budget(self, sampling: ResolvedSampling, prompt_ids: list[int]) -> ThinkingBudget | None:
+        budget = sampling.max_reasoning_tokens
+        budget = self._max_reasoning_tokens if budget is None else budget
+        if budget is None:
+            return None
+        ids = self._backend.codec.think_ids()
+        if ids is None:
+            raise InvalidArgument("sampling.max_reasoning_tokens", "this model has no thinking tags to close")
+        return ThinkingBudget.for_prompt(budget, ids, prompt_ids)
+
+    def _grammar(self, request: GenerateRequest, thinks: bool) -> Any:
+        from service.engines.grammar import after_thinking, grammar_for
 
         spec = grammar_for(request, self._tool_format)
-        return self._backend.compile_grammar(spec) if spec is not None else None
+        if spec is None:
+            return None
+        # response_format and tools constrain the answer, after a free thinking block; the raw regex / ebnf extras
+        # are the caller's grammar over the whole output, thinking included.
+        if thinks and (request.tools or request.constraint.kind in ("json_schema", "json_object")):
+            spec = after_thinking(spec, self.reasoning_parser)
+        return self._backend.compile_grammar(spec)
 
     async def _stream(self, job: ChoiceJob, mailbox: _Mailbox) -> None:
         """Reads one choice's engine stream into the mailbox; whatever it raises ends the request, mapped."""

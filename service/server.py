@@ -48,6 +48,7 @@ async def serve(config: ServiceConfig, backend: Backend | None = None) -> ExitCo
         config.tool_parser,
         config.reasoning_parser,
         dict(config.chat_template_kwargs),
+        config.max_reasoning_tokens,
     )
     admission = Admission(config.max_inflight, config.max_queue, metrics)
     health_servicer = health.aio.HealthServicer()

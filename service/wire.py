@@ -101,6 +101,7 @@ def sampling_from_proto(s: pb.SamplingParams) -> SamplingParams:
         seed=opt("seed"),
         logit_bias=MappingProxyType(dict(s.logit_bias)),
         skip_special_tokens=s.skip_special_tokens if s.HasField("skip_special_tokens") else True,
+        max_reasoning_tokens=opt("max_reasoning_tokens"),
     )
 
 

@@ -36,6 +36,8 @@ class ChoiceJob:
     end_ids: tuple[int, ...]
     top_logprobs: int | None  # None: no log probabilities
     grammar: Any = None  # what the backend's `compile_grammar` made, or None
+    # A cap on the model's thinking (service/engines/reasoning.py's ThinkingBudget), or None.
+    thinking: Any = None
 
 
 @dataclass(slots=True)
@@ -88,6 +90,10 @@ class Codec(Protocol):
 
     def template_text(self) -> str:
         """The model's chat template ("" for none), for choosing a reasoning parser."""
+        ...
+
+    def think_ids(self) -> tuple[int, int, int] | None:
+        """The ids of the thinking tags and of a newline (<think>, </think>, "\n"), or None for a model without."""
         ...
 
 

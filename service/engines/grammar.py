@@ -67,6 +67,25 @@ def grammar_for(request: GenerateRequest, fmt: ToolCallFormat) -> GrammarSpec | 
     return spec
 
 
+def after_thinking(spec: GrammarSpec, parser: str) -> GrammarSpec:
+    """`spec` for the answer, after a free thinking block (Qwen3: `<think>`...`</think>` and a blank line; a
+    qwen3-thinking model's output starts inside the block). Grammars are otherwise applied from the first token,
+    which would leave a thinking model no room to think (what users of SGLang and vLLM report as broken structured
+    output with Qwen3)."""
+    if spec.kind == "json_schema":
+        answer = {"type": "grammar", "grammar": _json_grammar(spec.text)}
+    elif spec.kind == "regex":
+        answer = {"type": "regex", "pattern": spec.text}
+    else:
+        answer = {"type": "grammar", "grammar": spec.text}
+    begin = "" if parser == "qwen3-thinking" else "<think>"
+    # The first </think> ends the thinking (any_text stops at its tag's end); Qwen puts a blank line after it.
+    think = {"type": "tag", "begin": begin, "content": {"type": "any_text"}, "end": "</think>"}
+    blank = {"type": "const_string", "value": "\n\n"}
+    root = {"type": "structural_tag", "format": {"type": "sequence", "elements": [think, blank, answer]}}
+    return GrammarSpec("ebnf", str(xgr.Grammar.from_structural_tag(json.dumps(root))), spec.field)
+
+
 def check(spec: GrammarSpec) -> None:
     """Raise InvalidArgument naming the field when XGrammar cannot read the grammar or would not enforce it."""
     try:

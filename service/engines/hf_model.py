@@ -84,6 +84,14 @@ class HFCodec:
 
         return IncrementalDetokenizer(self.tokenizer, skip_special_tokens, prompt_ids).step
 
+    def think_ids(self) -> tuple[int, int, int] | None:
+        vocab = self.tokenizer.get_vocab()
+        start, end = vocab.get("<think>"), vocab.get("</think>")
+        newline = self.tokenizer.encode("\n", add_special_tokens=False)
+        if start is None or end is None or len(newline) != 1:
+            return None
+        return start, end, newline[0]
+
     def template_text(self) -> str:
         template = getattr(self.tokenizer, "chat_template", None) or ""
         return "\n".join(template.values()) if isinstance(template, dict) else template

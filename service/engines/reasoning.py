@@ -13,6 +13,8 @@ Qwen writes after `</think>` are dropped from the answer's start.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from service.engines.text import partial_stop_len
 
 OPEN = "<think>"
@@ -98,3 +100,50 @@ class ReasoningSplitter:
         if self._state == "thinking":
             return held, ""
         return "", held
+
+
+@dataclass(frozen=True, slots=True)
+class ThinkingBudget:
+    """At most `budget` tokens of thinking: then a newline and the end tag are forced (as SGLang's
+    ThinkingBudgetLogitProcessor does), so the answer, and a grammar waiting for it, always comes. Tokens are
+    counted from the tag that opened the thinking, which may be in the prompt (a template that opens it itself);
+    an opening tag repeated inside the thinking does not restart the count. Every engine applies this same rule
+    (transformers in service/engines/sampling.py, SGLang through service/engines/sglang_thinking.py)."""
+
+    budget: int
+    start_id: int
+    end_id: int
+    newline_id: int
+    # Tokens of thinking the prompt already holds (an opening tag it left open), or None.
+    open_in_prompt: int | None = None
+
+    @classmethod
+    def for_prompt(cls, budget: int, ids: tuple[int, int, int], prompt_ids: list[int]) -> ThinkingBudget:
+        start, end, _ = ids
+        opened = _last(prompt_ids, start)
+        closed = _last(prompt_ids, end)
+        open_in_prompt = len(prompt_ids) - opened - 1 if opened > closed else None
+        return cls(budget, *ids, open_in_prompt=open_in_prompt)
+
+    def forced(self, generated: list[int]) -> int | None:
+        """The token to force next, or None to sample freely."""
+        if self.end_id in generated:
+            return None  # the thinking is over
+        if self.open_in_prompt is not None:
+            thought = self.open_in_prompt + len(generated)
+        else:
+            try:
+                opened = generated.index(self.start_id)
+            except ValueError:
+                return None  # not thinking
+            thought = len(generated) - opened - 1
+        if thought < self.budget:
+            return None
+        return self.end_id if generated and generated[-1] == self.newline_id else self.newline_id
+
+
+def _last(ids: list[int], token: int) -> int:
+    for i in range(len(ids) - 1, -1, -1):
+        if ids[i] == token:
+            return i
+    return -1

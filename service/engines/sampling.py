@@ -29,6 +29,7 @@ from transformers import LogitsProcessorList
 from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingLogitsProcessorList
 
 from service.domain import ResolvedSampling
+from service.engines.reasoning import ThinkingBudget
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ class SamplingPlan:
     matcher: xgr.GrammarMatcher | None = None
     bitmask: torch.Tensor | None = None
     end_token: int | None = None  # forced once the grammar has terminated
+    # A cap on the model's thinking (service/engines/reasoning.py): its tokens are forced once it is reached.
+    thinking: ThinkingBudget | None = None
     # Written by the generation thread, read by the event loop:
     records: list[TokenRecord] = field(default_factory=list)
     cached_tokens: int | None = None
@@ -78,6 +81,7 @@ class SamplingPlan:
         top_logprobs: int | None,
         seed: int | None,
         grammar: xgr.CompiledGrammar | None = None,
+        thinking: ThinkingBudget | None = None,
     ) -> SamplingPlan:
         has_bias = bool(s.logit_bias)
         plan = cls(
@@ -96,6 +100,7 @@ class SamplingPlan:
             prompt_ids=torch.tensor(prompt_ids, dtype=torch.long) if s.repetition_penalty != 1.0 else None,
             generator=torch.Generator().manual_seed(seed) if seed is not None else None,
             top_logprobs=top_logprobs,
+            thinking=thinking,
         )
         if grammar is not None:
             # The grammar ends on this request's end tokens (EOS and stop_token_ids), not the tokenizer's alone.
@@ -111,6 +116,7 @@ class SamplingPlan:
             and plan.repetition_penalty == 1.0
             and plan.min_tokens == 0
             and top_logprobs is None
+            and thinking is None
         )
         return plan
 
@@ -167,6 +173,14 @@ class RequestSampler(ContinuousBatchingLogitsProcessorList):
     @staticmethod
     def _pick(plan: SamplingPlan, logits: torch.Tensor, generated: list[int]) -> int:
         matcher = plan.matcher
+        forced = plan.thinking.forced(generated) if plan.thinking is not None else None
+        if forced is not None:
+            # The thinking budget is spent: a newline, then the closing tag (which a grammar's thinking block accepts).
+            if plan.top_logprobs is not None:
+                plan.records.append(TokenRecord(forced, 0.0, [], []))
+            if matcher is not None and not matcher.accept_token(forced):
+                log.warning("the grammar refused the forced end of thinking %d", forced)
+            return forced
         if matcher is not None and matcher.is_terminated() and plan.end_token is not None:
             # The grammar is complete and accepted its end: nothing but the end may follow.
             if plan.top_logprobs is not None:

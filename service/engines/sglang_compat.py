@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Iterator, Mapping
@@ -51,6 +52,9 @@ def engine_kwargs(config: ServiceConfig, model_path: str | None = None) -> dict[
         "log_level": "info" if config.log_level.upper() == "DEBUG" else "warning",
         # SGLang's own Prometheus metrics (sglang:*), served on the service's /metrics beside ours.
         "enable_metrics": True,
+        # Lets the service cap a model's thinking (max_reasoning_tokens) with SGLang's own thinking-budget processor.
+        # Only the service reaches this engine (it runs in-process, no HTTP server), so no caller can send code.
+        "enable_custom_logit_processor": True,
         # Compact JSON under a schema, as the transformers engine's grammars (service/engines/grammar.py): with any
         # whitespace allowed, a small model can spend its whole budget on newlines inside the object.
         "constrained_json_disable_any_whitespace": True,
@@ -96,7 +100,9 @@ def seed_refusal(s: ResolvedSampling, deterministic: bool) -> InvalidArgument | 
     )
 
 
-def sampling_params(s: ResolvedSampling, seed: int | None = None, grammar: GrammarSpec | None = None) -> dict[str, Any]:
+def sampling_params(
+    s: ResolvedSampling, seed: int | None = None, grammar: GrammarSpec | None = None, thinking: Any = None
+) -> dict[str, Any]:
     """SGLang's `sampling_params` dict for one choice: every field of ResolvedSampling, in SGLang's keys, with the
     choice's own seed (the pipeline's: the request's seed + the choice's index).
 
@@ -121,6 +127,8 @@ def sampling_params(s: ResolvedSampling, seed: int | None = None, grammar: Gramm
         # SGLang's logit_bias is Dict[str, float]: token ids as strings (they cross its msgpack IPC as keys).
         "logit_bias": {str(token): float(bias) for token, bias in s.logit_bias.items()} or None,
         "sampling_seed": seed,
+        # Read by the thinking-budget logit processor the engine passes with such a request (sglang_thinking.py).
+        "custom_params": {"chatserve_thinking": dataclasses.asdict(thinking)} if thinking is not None else None,
     }
     if grammar is not None:
         params[grammar.kind] = grammar.text
@@ -288,3 +296,10 @@ def without_loop_signal_handler(loop: asyncio.AbstractEventLoop, sig: int) -> It
         yield
     finally:
         del loop.add_signal_handler
+
+
+def thinking_processor() -> str:
+    """The serialized logit processor that applies a request's thinking budget inside SGLang's scheduler."""
+    from service.engines.sglang_thinking import ThinkingBudgetProcessor
+
+    return ThinkingBudgetProcessor.to_str()

@@ -34,6 +34,7 @@ from service.engines.sglang_compat import (
     resolve_device,
     sampling_params,
     seed_refusal,
+    thinking_processor,
     without_loop_signal_handler,
 )
 from service.errors import InvalidArgument, Unavailable
@@ -217,15 +218,20 @@ class SGLangEngine:
         finished = False
         stream = CumulativeToTokens(want_logprobs=job.top_logprobs is not None)
         generator = None
+        thinking = job.thinking
+        extra: dict[str, Any] = {}
+        if thinking is not None:
+            extra["custom_logit_processor"] = thinking_processor()
         try:
             try:
                 generator = await engine.async_generate(
                     input_ids=list(job.prompt_ids),
-                    sampling_params=sampling_params(job.sampling, job.seed, job.grammar),
+                    sampling_params=sampling_params(job.sampling, job.seed, job.grammar, thinking),
                     stream=True,
                     rid=job.rid,
                     return_logprob=job.top_logprobs is not None,
                     top_logprobs_num=job.top_logprobs or 0,
+                    **extra,
                 )
                 async for raw in generator:
                     if not running:

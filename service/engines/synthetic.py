@@ -299,6 +299,9 @@ class SyntheticCodec:
     def template_text(self) -> str:
         return ""
 
+    def think_ids(self) -> None:
+        return None
+
     def token_repr(self, token: int) -> tuple[str, bytes]:
         text = self.text(token)
         return text, text.encode()

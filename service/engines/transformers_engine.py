@@ -200,7 +200,8 @@ class TransformersEngine:
         return compile_grammar(self._grammars, spec)
 
     async def generate(self, job: ChoiceJob) -> AsyncIterator[TokenChunk]:
-        plan = SamplingPlan.build(job.sampling, list(job.end_ids), job.prompt_ids, job.top_logprobs, job.seed, job.grammar)
+        plan = SamplingPlan.build(job.sampling, list(job.end_ids), job.prompt_ids, job.top_logprobs, job.seed, job.grammar,
+                                  job.thinking)
         outputs: asyncio.Queue = asyncio.Queue()
         self._sampler.register(job.rid, plan)
         self._manager.register_result_handler(job.rid, outputs.put_nowait)

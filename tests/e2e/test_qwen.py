@@ -127,7 +127,8 @@ def test_chinese_streams_whole_with_exact_counts_and_chinese_stops(llm, tokenize
 def test_a_forced_tool_call_parses_with_qwens_native_tool_template(llm):
     reply = llm.chat.completions.create(model="tiny-qwen3-v1", max_tokens=60, temperature=0, tools=[WEATHER],
                                         messages=[{"role": "user", "content": "Weather in Paris?"}],
-                                        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+                                        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                        reasoning_effort="none")
     (call,) = reply.choices[0].message.tool_calls
     assert call.function.name == "get_weather" and isinstance(json.loads(call.function.arguments), dict)
     assert reply.choices[0].finish_reason == "tool_calls"
@@ -162,3 +163,38 @@ def test_an_assistant_prefill_is_continued(llm, tokenizer):
     with pytest.raises(openai.BadRequestError) as refused:
         forced(llm, "x", messages=messages[:1], extra={"continue_final_message": True})
     assert refused.value.body["param"] == "continue_final_message"
+
+
+ANSWER = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"],
+          "additionalProperties": False}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_structured_output_starts_after_the_thinking(llm, stream):
+    """With thinking on, response_format constrains the answer only: the thinking stays free, and the thinking
+    budget closes it (the tiny model would never close it itself), so the JSON always comes."""
+    fields = dict(model="tiny-qwen3-v1", max_tokens=60, temperature=0, messages=[{"role": "user", "content": "Wet?"}],
+                  response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": ANSWER}},
+                  extra_body={"max_reasoning_tokens": 8})
+    if stream:
+        chunks = list(llm.chat.completions.create(stream=True, stream_options={"include_usage": True}, **fields))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        reasoning = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
+        content = "".join(d.content or "" for d in deltas)
+        usage = chunks[-1].usage
+    else:
+        reply = llm.chat.completions.create(**fields)
+        reasoning, content, usage = reply.choices[0].message.reasoning_content, reply.choices[0].message.content, reply.usage
+        assert reply.choices[0].finish_reason == "stop"
+    assert reasoning
+    assert json.loads(content) in ({"answer": "yes"}, {"answer": "no"})
+    assert usage.completion_tokens_details.reasoning_tokens <= 8 + 3  # the budget, the newline and the tag
+
+
+def test_a_forced_tool_call_follows_the_thinking(llm):
+    reply = llm.chat.completions.create(model="tiny-qwen3-v1", max_tokens=80, temperature=0, tools=[WEATHER],
+                                        messages=[{"role": "user", "content": "Weather in Paris?"}], tool_choice="required",
+                                        extra_body={"max_reasoning_tokens": 6})
+    message = reply.choices[0].message
+    assert message.reasoning_content and message.tool_calls
+    assert json.loads(message.tool_calls[0].function.arguments)["city"] is not None

@@ -217,9 +217,11 @@ def test_sampling_params_maps_every_field_in_sglang_keys():
         "skip_special_tokens": False,
         "logit_bias": {"5": -100.0, "6": 2.5},
         "sampling_seed": 42,
+        "custom_params": None,
     }
     # Every field of ResolvedSampling has its SGLang key: a new field fails here until it is mapped.
-    renamed = {"max_tokens": "max_new_tokens", "min_tokens": "min_new_tokens", "seed": "sampling_seed"}
+    renamed = {"max_tokens": "max_new_tokens", "min_tokens": "min_new_tokens", "seed": "sampling_seed",
+               "max_reasoning_tokens": "custom_params"}
     assert {renamed.get(f, f) for f in ResolvedSampling.__dataclass_fields__} == set(p)
 
 
