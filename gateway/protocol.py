@@ -228,7 +228,7 @@ class ChatCompletionRequest(SamplingFields):
     web_search_options: Annotated[None, refused("web search is not supported by this server")] = None
     # "none" switches a reasoning model's thinking off (enable_thinking=false in its chat template); other values
     # are accepted and leave the model's own default.
-    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
     # Extra variables for the model's chat template, e.g. {"enable_thinking": false} (as SGLang and vLLM accept).
     chat_template_kwargs: dict[str, Any] | None = None
     # Assistant prefill (as vLLM and SGLang accept): with continue_final_message and add_generation_prompt false, the

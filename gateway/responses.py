@@ -251,6 +251,11 @@ def to_chat(req: CreateResponse, items: list[dict[str, Any]], history: list[dict
     for name in ("temperature", "top_p", "user", "parallel_tool_calls"):
         if getattr(req, name) is not None:
             body[name] = getattr(req, name)
+    effort = (req.reasoning or {}).get("effort")
+    if effort is not None:
+        if effort not in ("none", "minimal", "low", "medium", "high", "xhigh", "max"):
+            raise BadRequest(f"reasoning.effort: unknown value {effort!r}", param="reasoning.effort")
+        body["reasoning_effort"] = effort  # "none" switches a reasoning model's thinking off
     if req.tools:
         tools = []
         for i, tool in enumerate(req.tools):
@@ -434,7 +439,7 @@ class ResponseBuilder:
             "output": [_copy(item) for item in self.output],
             "parallel_tool_calls": req.parallel_tool_calls if req.parallel_tool_calls is not None else True,
             "previous_response_id": req.previous_response_id,
-            "reasoning": {"effort": None, "summary": None},
+            "reasoning": {"effort": (req.reasoning or {}).get("effort"), "summary": None},
             "service_tier": "default",
             "store": req.store is not False,
             "temperature": req.temperature if req.temperature is not None else 1.0,

@@ -170,3 +170,18 @@ def test_reasoning_is_an_output_item_of_its_own():
     assert message["content"][0]["text"] == "Four."
     assert final["usage"]["output_tokens_details"] == {"reasoning_tokens": 2}
     assert "response.reasoning_text.delta" in [e["type"] for e in events]
+
+
+def test_reasoning_effort_reaches_the_chat_request():
+    req = request(reasoning={"effort": "none", "summary": None})
+    assert to_chat(req, input_items(req), [])["reasoning_effort"] == "none"
+    bad = request(reasoning={"effort": "extreme"})
+    with pytest.raises(BadRequest) as refused:
+        to_chat(bad, input_items(bad), [])
+    assert refused.value.param == "reasoning.effort"
+
+
+def test_the_reasoning_effort_is_echoed_within_openais_schema():
+    final, _ = build(request(reasoning={"effort": "none"}), [text("Hi", pb.FINISH_REASON_STOP)])
+    assert final["reasoning"]["effort"] == "none"
+    assert_valid(final, "Response")
