@@ -110,6 +110,7 @@ class Backend:
         self._auth = (("authorization", f"Bearer {token}"),) if token else ()
         self.router = Router(policy, load_factor)
         self._info: pb.GetModelInfoResponse | None = None
+        self._learning: asyncio.Task | None = None
         self._info_at = 0.0
         self._resolver: asyncio.Task | None = None
         self._serving = asyncio.Event()
@@ -136,7 +137,18 @@ class Backend:
         log.info("replica %s is %s", replica.target, "serving" if replica.healthy else "not serving")
         if replica.healthy:
             self._serving.set()
+            if self._info is None and self._learning is None:
+                # Learn the served model as soon as one replica serves (its context window bounds request bodies).
+                self._learning = asyncio.get_running_loop().create_task(self._learn_model())
         self.on_health_change(replica)
+
+    async def _learn_model(self) -> None:
+        try:
+            await self.model_info()
+        except Exception:  # best effort: the next call that needs it asks again
+            log.debug("could not fetch the model info yet", exc_info=True)
+        finally:
+            self._learning = None
 
     async def _refresh(self) -> None:
         targets = await resolve(self._specs)
@@ -201,6 +213,10 @@ class Backend:
         return await replica.handle.stub.CountTokens(
             pb.CountTokensRequest(model=request.model, input=request.input), metadata=self._auth, timeout=HEALTH_TIMEOUT_S * 10
         )
+
+    def known_model_info(self) -> pb.GetModelInfoResponse | None:
+        """The served model as last fetched, without asking (None before the first answer)."""
+        return self._info
 
     async def model_info(self) -> pb.GetModelInfoResponse:
         """The served model, cached for a while; raises AioRpcError or NoReplica when no replica answers."""

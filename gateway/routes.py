@@ -19,6 +19,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from common.logs import request_id_var
+from common.bounds import max_body_bytes_for
 from gateway import anthropic, responses, sse
 from gateway.backend import NoReplica, Stream
 from gateway.errors import ApiError, BadRequest, NotFound, PayloadTooLarge, Upstream, from_rpc_error, no_replica
@@ -64,6 +65,15 @@ async def read_json(request: web.Request) -> dict:
         raise UnsupportedMediaType(
             f"Content-Type must be application/json, not {request.content_type!r}", should_retry=False
         )
+    info = request.app[BACKEND].known_model_info()
+    if info is not None and request.content_length is not None and info.context_length:
+        bound = max_body_bytes_for(info.context_length)
+        if request.content_length > bound:
+            # Refused before the body is read: reading and parsing megabytes would hold this process (and every
+            # stream it is writing) for a noticeable time, for a prompt that cannot fit anyway.
+            raise PayloadTooLarge(
+                f"the request body ({request.content_length} bytes) is larger than any prompt for this model's context "
+                f"window of {info.context_length} tokens can be ({bound} bytes at most)")
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:

@@ -426,10 +426,9 @@ def validate_constraint(c: Constraint) -> None:
         raise InvalidArgument(c.field, f"the {c.kind} constraint must not be empty")
 
 
-# More characters than this per token of the context window cannot fit it, whatever the tokenizer (a token spans a
-# few characters; runs of spaces or repeats a few dozen at most): such a prompt is refused before it is tokenized,
-# which would hold a core for seconds to find out.
-MAX_CHARS_PER_TOKEN = 32
+# A prompt of more characters than this per token of the context window is refused before it is tokenized, which
+# would hold a core for seconds to find out (common/bounds.py, shared with the gateway).
+from common.bounds import MAX_CHARS_PER_TOKEN  # noqa: E402
 
 
 def input_chars(input: Input) -> int:

@@ -16,10 +16,13 @@ them in the engine.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
 import logging
+import os
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -189,6 +192,11 @@ class Pipeline:
         self._max_reasoning_tokens = max_reasoning_tokens
         self._ready = False
         self._inflight: set[_Mailbox] = set()
+        # Chat templates, tokenization and grammar compilation: milliseconds, or a second for a huge prompt. They run
+        # on threads the OS schedules after the engine's (nice 10), so a huge request waits rather than slowing every
+        # stream in flight on a machine with few cores.
+        self._prep = concurrent.futures.ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix="prepare", initializer=_lower_priority)
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -227,6 +235,10 @@ class Pipeline:
         for mailbox in list(self._inflight):
             mailbox.fail(Unavailable("the engine is shutting down"))
         await self._backend.stop()
+        self._prep.shutdown(wait=False, cancel_futures=True)
+
+    async def _prepare(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._prep, fn, *args)
 
     def is_alive(self) -> bool:
         return self._ready and self._backend.is_alive()
@@ -251,7 +263,7 @@ class Pipeline:
         """The number of prompt tokens `input` renders to, exactly as `generate` would."""
         info = self.info
         check_input_size(input, info.context_length)
-        return len(await asyncio.to_thread(self._backend.codec.prompt_ids, self._with_defaults(input)))
+        return len(await self._prepare(self._backend.codec.prompt_ids, self._with_defaults(input)))
 
     def _with_defaults(self, input: Input) -> Input:
         """A chat with the service's chat-template defaults (--chat-template-kwargs) under its own variables."""
@@ -274,7 +286,9 @@ class Pipeline:
         validate_request(request, info)
         # Chat template and tokenizer: milliseconds, or seconds for a long prompt; off the event loop, so the
         # streams in flight keep flowing meanwhile.
-        prompt_ids = await asyncio.to_thread(backend.codec.prompt_ids, self._with_defaults(request.input))
+        # Refused early when it cannot fit the window (a huge prompt is found out on a prefix).
+        prompt_ids = await self._prepare(backend.codec.prompt_ids, self._with_defaults(request.input),
+                                         info.context_length - 1)
         sampling = resolve(request.sampling, backend.defaults, len(prompt_ids), info)
         backend.refuse(sampling)
         thinks = self._thinks(request.input)
@@ -282,7 +296,7 @@ class Pipeline:
         grammar = None
         if request.constraint is not None or request.tools:
             # Milliseconds (cached per grammar text), a large schema longer: off the event loop.
-            grammar = await asyncio.to_thread(self._grammar, request, thinks)
+            grammar = await self._prepare(self._grammar, request, thinks)
         end_ids = () if sampling.ignore_eos else backend.end_ids
         end_ids += tuple(t for t in sampling.stop_token_ids if t not in end_ids)
         jobs = [
@@ -390,3 +404,11 @@ class Pipeline:
         except Exception:
             log.exception("the engine failed choice %s", job.rid)
             mailbox.fail(EngineFailure("the engine failed while generating this request"))
+
+
+def _lower_priority() -> None:
+    """Lower this thread's scheduling priority (Linux: per thread); elsewhere, or where refused, keep it."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):
+        pass

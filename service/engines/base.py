@@ -75,8 +75,9 @@ class TokenChunk:
 class Codec(Protocol):
     """The model's tokenizer, as the pipeline uses it: prompts to ids, ids back to text."""
 
-    def prompt_ids(self, input: Input) -> list[int]:
-        """Render (chat template, tools) and tokenize; raises InvalidArgument for input the model cannot take."""
+    def prompt_ids(self, input: Input, limit: int | None = None) -> list[int]:
+        """Render (chat template, tools) and tokenize; raises InvalidArgument for input the model cannot take, or
+        (with `limit`) for a prompt of more tokens than that."""
         ...
 
     def detokenizer(self, skip_special_tokens: bool, prompt_ids: list[int]) -> Callable[[int], str]:

@@ -76,8 +76,8 @@ class HFCodec:
         self.renderer = PromptRenderer(tokenizer, tool_format)
         self._token_text: dict[int, tuple[str, bytes]] = {}
 
-    def prompt_ids(self, input: Any) -> list[int]:
-        return self.renderer.token_ids(input)
+    def prompt_ids(self, input: Any, limit: int | None = None) -> list[int]:
+        return self.renderer.token_ids(input, limit)
 
     def detokenizer(self, skip_special_tokens: bool, prompt_ids: list[int]):
         from service.engines.text import IncrementalDetokenizer

@@ -97,16 +97,37 @@ class PromptRenderer:
                 messages.insert(0, {"role": "system", "content": block})
         return messages
 
-    def token_ids(self, input: Input) -> list[int]:
+    def token_ids(self, input: Input, limit: int | None = None) -> list[int]:
+        """The prompt's token ids. With `limit`, a prompt that has more tokens than that is refused (InvalidArgument)
+        and a huge one is found out on a prefix: tokenizing all of it would take a core for a while to learn only
+        that it does not fit."""
         match input:
             case ChatInput():
                 # The template already holds the special tokens (BOS, role markers).
-                return self.tokenizer.encode(self.render_chat(input), add_special_tokens=False)
+                return self._encode(self.render_chat(input), False, limit)
             case TextInput(text=text):
-                return self.tokenizer.encode(text, add_special_tokens=True)
+                return self._encode(text, True, limit)
             case TokenInput(ids=ids):
                 return list(ids)
         raise InvalidArgument("input", "input must hold chat messages, a text prompt or token ids")
+
+    def _encode(self, text: str, special: bool, limit: int | None) -> list[int]:
+        probe = None if limit is None else limit * PROBE_CHARS_PER_TOKEN
+        if probe is not None and len(text) > probe:
+            # Tokens of a prefix are (to a token or two at the cut) at most those of the whole.
+            head = self.tokenizer.encode(text[:probe], add_special_tokens=special)
+            if len(head) > limit + 2:
+                raise InvalidArgument(
+                    "input",
+                    f"the prompt is more than {len(head)} tokens long, but the model's context window is {limit} "
+                    "tokens; shorten the prompt",
+                )
+        return self.tokenizer.encode(text, add_special_tokens=special)
+
+
+# A prompt longer than this many characters per token of the context window is first tokenized on a prefix of that
+# length: text runs 3 to 5 characters a token, so the prefix alone already shows that a huge prompt cannot fit.
+PROBE_CHARS_PER_TOKEN = 8
 
 
 def _plain_message(m: Message) -> dict[str, Any]:

@@ -288,7 +288,7 @@ class SyntheticCodec:
     """The `Codec` of a model that does not exist: prompts are counted by a fixed rule (`count_prompt_tokens`) and
     every token id spells one word."""
 
-    def prompt_ids(self, input: Input) -> list[int]:
+    def prompt_ids(self, input: Input, limit: int | None = None) -> list[int]:
         if isinstance(input, TokenInput):
             return list(input.ids)
         return [FIRST_TOKEN_ID] * count_prompt_tokens(input)

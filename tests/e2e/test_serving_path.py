@@ -171,3 +171,19 @@ def test_grpc_request_ids_are_checked_before_they_reach_the_log(stack, grpc_stub
 
     wait_until(lambda: "trace-ok-7f3a" in stack.service_log(), 10, 0.1, "the valid id in the log")
     assert "forged-line-9c1d" not in stack.service_log()
+
+
+def test_a_body_too_big_for_any_prompt_is_refused_before_it_is_read(stack, client, model):
+    import time
+
+    import httpx
+
+    client.models.list()  # the gateway knows the model (it learns it as soon as a replica serves, too)
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "' + b"a" * (3 * 2**20) + b'"}]}'
+    started = time.perf_counter()
+    reply = httpx.post(f"{stack.base_url}/chat/completions", content=body, timeout=60,
+                       headers={"Authorization": f"Bearer {stack.api_key}", "Content-Type": "application/json"})
+    assert reply.status_code == 413, reply.text
+    assert "context window" in reply.json()["error"]["message"]
+    assert time.perf_counter() - started < 5
+    assert client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=2).choices

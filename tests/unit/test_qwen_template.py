@@ -90,3 +90,15 @@ def test_a_chat_template_file_replaces_the_models(tokenizer, tmp_path):
     ids = codec.prompt_ids(ChatInput((Message("user", "Hi"),)))
     assert codec.tokenizer.decode(ids) == "[user] Hi\n[assistant] "
     assert codec.template_text().startswith("{% for m in messages %}")
+
+
+def test_a_huge_prompt_is_refused_on_a_prefix(tokenizer):
+    from service.errors import InvalidArgument
+
+    renderer = PromptRenderer(tokenizer, HermesFormat())
+    chat = ChatInput((Message("user", "lorem ipsum dolor sit amet " * 20_000),))
+    with pytest.raises(InvalidArgument) as refused:
+        renderer.token_ids(chat, limit=4096)
+    assert refused.value.field == "input" and "more than" in refused.value.message
+    short = ChatInput((Message("user", "Hi"),))
+    assert renderer.token_ids(short, limit=4096) == renderer.token_ids(short)
