@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from service.domain import Message, Tool, ToolCallDelta
-from service.engines.tool_calls import Parsed, new_call_id, partial_suffix
+from service.engines.tool_calls import Parsed, TaggedCallParser, new_call_id
 
 _FUNCTION = re.compile(r"\s*<function=([^>\n]+)>\n?")
 _PARAMETER = re.compile(r"\s*<parameter=([^>\n]+)>\n?")
@@ -100,59 +100,20 @@ def typed(value: str, schema: dict[str, Any]) -> Any:
     return value
 
 
-class Qwen3CoderParser:
-    _START = "<tool_call>"
-    _END = "</tool_call>"
-
+class Qwen3CoderParser(TaggedCallParser):
     def __init__(self, tools: dict[str, dict[str, Any]]) -> None:
+        super().__init__()
         self._tools = tools
-        self._buf = ""
-        self._mode = "text"  # text | head | params | tail | raw
-        self._calls = 0
         self._params = 0  # parameters written for the current call
         self._name = ""  # the current call's tool
 
-    @property
-    def calls(self) -> int:
-        return self._calls
-
-    def feed(self, text: str) -> Parsed:
-        out = Parsed()
-        self._buf += text
-        while self._step(out):
-            pass
-        return out
-
-    def finish(self) -> Parsed:
-        out = Parsed()
-        buf, self._buf = self._buf, ""
-        if self._mode == "text":
-            if not (self._calls and not buf.strip()):
-                out.text = buf
-        elif self._mode == "raw":
-            out.text = self._START + buf
-        elif self._mode == "params":
+    def _finish_call(self, out: Parsed) -> None:
+        if self._mode == "params":
             # Cut short (max_tokens): close what was written, so the arguments are the parameters completed.
             out.calls.append(ToolCallDelta(self._calls - 1, arguments="}" if self._params else "{}"))
-        self._mode = "text"
-        return out
 
-    def _step(self, out: Parsed) -> bool:
+    def _step_call(self, out: Parsed) -> bool:
         buf = self._buf
-        if self._mode == "text":
-            at = buf.find(self._START)
-            if at != -1:
-                out.text += buf[:at].rstrip()
-                self._buf = buf[at + len(self._START):]
-                self._mode = "head"
-                return True
-            keep = partial_suffix(buf, self._START)
-            cut = len(buf) - keep
-            while cut > 0 and buf[cut - 1].isspace():
-                cut -= 1
-            out.text += buf[:cut]
-            self._buf = buf[cut:]
-            return False
         if self._mode == "head":
             head = _FUNCTION.match(buf)
             if head is None:
@@ -195,14 +156,5 @@ class Qwen3CoderParser:
                                                                                          ensure_ascii=False)))
             self._params += 1
             self._buf = buf[end + len("</parameter>"):]
-            return True
-        if self._mode in ("tail", "raw"):
-            end = buf.find(self._END)
-            if end == -1:
-                return False
-            if self._mode == "raw":
-                out.text += self._START + buf[: end + len(self._END)]
-            self._buf = buf[end + len(self._END):]
-            self._mode = "text"
             return True
         raise AssertionError(self._mode)

@@ -134,16 +134,18 @@ class HermesFormat:
 _HERMES_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*')
 
 
-class HermesParser:
+class TaggedCallParser:
+    """What every `<tool_call>...</tool_call>` syntax shares: text streams until a call opens (held back while it
+    might be the start of one), a call's text after its arguments is skipped to the closing tag, and a call naming
+    no offered tool is given back as text. Subclasses read the call's inside (`_step_call`, from mode "head")."""
+
     _START = "<tool_call>"
     _END = "</tool_call>"
 
-    def __init__(self, tools: frozenset[str]) -> None:
-        self._tools = tools
+    def __init__(self) -> None:
         self._buf = ""  # text received but not yet turned into output
-        self._mode = "text"  # text | head | args | tail | raw
+        self._mode = "text"  # text | tail | raw, and the subclass's modes in between
         self._calls = 0
-        self._args: _JsonValueEnd | None = None
 
     @property
     def calls(self) -> int:
@@ -166,11 +168,13 @@ class HermesParser:
         elif self._mode == "raw":
             # A call naming no offered tool: the model's text, not a call.
             out.text = self._START + buf
-        # In "head" the output ended inside a call's opening (cut by max_tokens): an incomplete trailing call is
-        # dropped, never shown as text (tool-call markup in `content` breaks the clients that bound the tools).
-        # In "args" the output was cut short mid-arguments; in "tail" the call was complete. Nothing to add.
+        else:
+            self._finish_call(out)
         self._mode = "text"
         return out
+
+    def _finish_call(self, out: Parsed) -> None:
+        """The output ended inside a call (cut by max_tokens)."""
 
     def _step(self, out: Parsed) -> bool:
         """Consume what can be decided from the buffer now; True to be called again."""
@@ -190,6 +194,33 @@ class HermesParser:
             out.text += buf[:cut]
             self._buf = buf[cut:]
             return False
+        if self._mode in ("tail", "raw"):
+            end = buf.find(self._END)
+            if end == -1:
+                return False
+            if self._mode == "raw":
+                out.text += self._START + buf[: end + len(self._END)]
+            self._buf = buf[end + len(self._END) :]
+            self._mode = "text"
+            return True
+        return self._step_call(out)
+
+    def _step_call(self, out: Parsed) -> bool:
+        raise NotImplementedError
+
+
+class HermesParser(TaggedCallParser):
+    def __init__(self, tools: frozenset[str]) -> None:
+        super().__init__()
+        self._tools = tools
+        self._args: _JsonValueEnd | None = None
+
+    # In "head" the output ended inside a call's opening: an incomplete trailing call is dropped, never shown as text
+    # (tool-call markup in `content` breaks the clients that bound the tools). In "args" the output was cut short
+    # mid-arguments. Nothing to add either way (the inherited _finish_call).
+
+    def _step_call(self, out: Parsed) -> bool:
+        buf = self._buf
         if self._mode == "head":
             end = buf.find(self._END)
             head = _HERMES_HEAD.match(buf)
@@ -227,15 +258,6 @@ class HermesParser:
                 self._mode = "tail"
                 return True
             return False
-        if self._mode in ("tail", "raw"):
-            end = buf.find(self._END)
-            if end == -1:
-                return False
-            if self._mode == "raw":
-                out.text += self._START + buf[: end + len(self._END)]
-            self._buf = buf[end + len(self._END) :]
-            self._mode = "text"
-            return True
         raise AssertionError(self._mode)
 
 
