@@ -12,6 +12,7 @@ Pure Python, no torch: every engine shares it.
 
 from __future__ import annotations
 
+import abc
 import json
 import re
 import uuid
@@ -134,7 +135,7 @@ class HermesFormat:
 _HERMES_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*')
 
 
-class TaggedCallParser:
+class TaggedCallParser(abc.ABC):
     """What every `<tool_call>...</tool_call>` syntax shares: text streams until a call opens (held back while it
     might be the start of one), a call's text after its arguments is skipped to the closing tag, and a call naming
     no offered tool is given back as text. Subclasses read the call's inside (`_step_call`, from mode "head")."""
@@ -205,8 +206,9 @@ class TaggedCallParser:
             return True
         return self._step_call(out)
 
+    @abc.abstractmethod
     def _step_call(self, out: Parsed) -> bool:
-        raise NotImplementedError
+        """Read the inside of a call (modes from "head" on); True to be called again."""
 
 
 class HermesParser(TaggedCallParser):

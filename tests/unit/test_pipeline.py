@@ -178,8 +178,7 @@ async def test_stop_wakes_readers_still_waiting(tokenizer, eos):
     pipeline = await started(tokenizer, Script(encode(tokenizer, "a b"), end="hang"), eos)
     stream = pipeline.generate(request())
     await anext(stream)
-    reader = asyncio.create_task(anext(stream))
-    await asyncio.sleep(0.01)
+    reader = asyncio.create_task(anext(stream))  # waiting, or about to wait: stop() wakes it either way
     await pipeline.stop()
     with pytest.raises(Unavailable):
         await reader

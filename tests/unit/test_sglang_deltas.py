@@ -566,8 +566,7 @@ async def test_stop_wakes_readers_of_requests_still_in_flight():
     engine, fake = await started(script)
     stream = engine.generate(GenerateRequest(request_id="r7", input=TextInput("x")))
     await anext(stream)
-    reader = asyncio.create_task(anext(stream))
-    await asyncio.sleep(0.01)
+    reader = asyncio.create_task(anext(stream))  # waiting, or about to wait: stop() wakes it either way
     await engine.stop()
     with pytest.raises(Unavailable):
         await reader
