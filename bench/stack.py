@@ -146,9 +146,9 @@ async def _start(stack: Stack, spec: EngineSpec, names: list[str], workdir: Path
         # sglang lives in an environment of its own, not this process's.
         stack.skipped["inprocess"] = "the sglang engine runs in its own environment, not in the harness's process"
     elif "inprocess" in names:
-        from service.engines import create_engine
+        from service.server import build_pipeline
 
-        stack.targets["inprocess"] = InProcessTarget(create_engine(spec.service_config()))
+        stack.targets["inprocess"] = InProcessTarget(build_pipeline(spec.service_config()))
     if "peer" in names:
         if spec.kind != "transformers":
             stack.skipped["peer"] = "the peer serves a real model: run it with --engine transformers"

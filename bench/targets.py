@@ -245,7 +245,8 @@ class GrpcTarget(Target):
 
 
 class InProcessTarget(Target):
-    """An Engine object in this process: what the model (or the synthetic engine) costs with no transport."""
+    """The request pipeline over an engine, in this process: what the model (or the synthetic engine) costs with no
+    transport."""
 
     def __init__(self, engine) -> None:
         self.name = "inprocess"

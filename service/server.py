@@ -41,15 +41,21 @@ class ExitCode(enum.IntEnum):
     ENGINE_DIED = 3  # the engine failed while serving; restart the process
 
 
-async def serve(config: ServiceConfig, backend: Backend | None = None) -> ExitCode:
-    metrics = ServiceMetrics()
-    engine = Pipeline(
+def build_pipeline(config: ServiceConfig, backend: Backend | None = None) -> Pipeline:
+    """The request pipeline over the configured engine: what the servicer serves (and what the benchmark's
+    in-process target drives without the transport)."""
+    return Pipeline(
         backend or create_engine(config),
         config.tool_parser,
         config.reasoning_parser,
         dict(config.chat_template_kwargs),
         config.max_reasoning_tokens,
     )
+
+
+async def serve(config: ServiceConfig, backend: Backend | None = None) -> ExitCode:
+    metrics = ServiceMetrics()
+    engine = build_pipeline(config, backend)
     admission = Admission(config.max_inflight, config.max_queue, metrics)
     health_servicer = health.aio.HealthServicer()
 
