@@ -44,6 +44,9 @@ class ServiceConfig:
     page_size: int = 32
     max_batch_tokens: int = 1024
     max_running: int = 64
+    # varlen: each sequence of a batch attends to its own keys (service/engines/varlen_attention.py); sdpa:
+    # transformers' own path, one SDPA call with a block-diagonal mask over the whole batch.
+    attention: str = "varlen"
     # sglang engine
     # auto: cuda when torch sees a CUDA GPU, else cpu (service/engines/sglang_cpu.py).
     device: str = "auto"
@@ -129,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     add(p, "--served-model-name", help="the name clients use (default: the model folder's name)")
     add(p, "--context-length", type=int, help="override the model's context window, in tokens")
     add(p, "--max-output-tokens", type=int, default=d.max_output_tokens, help="most tokens one answer may have")
-    add(p, "--dtype", default=d.dtype, help="weights: auto, float32, bfloat16 or float16 (auto: float32 on CPUs, "
-        "or bfloat16 for SGLang where the CPU has bf16 units; the model's own on GPUs)")
+    add(p, "--dtype", default=d.dtype, help="weights: auto, float32, bfloat16 or float16 (auto: on CPUs bfloat16 where the CPU has bf16 "
+        "units - avx512_bf16 or AMX - else float32; the model's own on GPUs)")
     add(p, "--tool-parser", choices=["auto", *sorted(FORMATS)], default=d.tool_parser,
         help="the model's tool-call syntax: hermes is <tool_call>{...}</tool_call> (Hermes, Qwen2.5, Qwen3, and the "
         "default model, which is prompted with it); qwen3_coder is the XML <function=...><parameter=...> of "
@@ -152,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     add(g, "--page-size", type=int, default=d.page_size, help="tokens per KV cache page (prefix sharing works in whole pages)")
     add(g, "--max-batch-tokens", type=int, default=d.max_batch_tokens, help="tokens per forward pass (chunked prefill size)")
     add(g, "--max-running", type=int, default=d.max_running, help="sequences per batch")
+    add(g, "--attention", choices=["varlen", "sdpa"], default=d.attention,
+        help="varlen: each sequence attends to its own keys (default); sdpa: transformers' own masked batch attention")
     g = p.add_argument_group("sglang engine")
     add(g, "--device", choices=["auto", "cuda", "cpu"], default=d.device,
         help="auto: cuda when a CUDA GPU is visible, else cpu (SGLang's CPU engine, see README)")
@@ -216,6 +221,7 @@ def parse_args(argv: list[str] | None = None) -> ServiceConfig:
         page_size=a.page_size,
         max_batch_tokens=a.max_batch_tokens,
         max_running=a.max_running,
+        attention=a.attention,
         device=a.device,
         sglang_args=tuple(a.sglang_args),
         tp_size=a.tp_size,

@@ -20,10 +20,12 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from service.engines.cpu_features import cpu_dtype, cpu_flags, has_bf16_units  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -59,33 +61,6 @@ class CpuPlan:
             f"dtype {self.kwargs['dtype']} (bf16 units: {', '.join(bf16)}); {self.env['OMP_NUM_THREADS']} threads; "
             f"KV cache {self.kwargs['max_total_tokens']} tokens"
         )
-
-
-def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
-    """The feature flags of the first CPU in /proc/cpuinfo (empty where there is no such file)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return frozenset()
-    for line in cpuinfo.splitlines():
-        name, _, value = line.partition(":")
-        if name.strip() in ("flags", "Features"):
-            return frozenset(value.split())
-    return frozenset()
-
-
-def has_bf16_units(flags: Iterable[str]) -> bool:
-    """bfloat16 matmuls are fast only with AVX-512 BF16 or AMX; elsewhere they are emulated and slower than fp32."""
-    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
-
-
-def cpu_dtype(requested: str, flags: Iterable[str]) -> str:
-    """The weight dtype on this CPU. SGLang's own `auto` turns a float32 checkpoint into float16, whose CPU
-    matmuls made prefill 5-6x slower here, so `auto` is resolved here from the CPU's flags instead."""
-    if requested != "auto":
-        return requested
-    return "bfloat16" if has_bf16_units(flags) else "float32"
 
 
 def kv_bytes_per_token(model_config: Mapping[str, Any], dtype: str) -> int:

@@ -26,6 +26,7 @@ from transformers.generation.continuous_batching.requests import RequestStatus
 
 from service.domain import FinishReason, ModelInfo, ResolvedSampling, SamplingDefaults
 from service.engines.base import ChoiceJob, EngineStats, RawLogprob, TokenChunk
+from service.engines.cpu_features import cpu_dtype, cpu_flags
 from service.engines.default_model import ensure_default_model
 from service.engines.grammar import GrammarSpec, compile_grammar
 from service.engines.hf_model import HFCodec, eos_ids, model_name, sampling_defaults
@@ -101,7 +102,8 @@ class TransformersEngine:
     def _load(self) -> None:
         config = self._config
         path = Path(config.model) if config.model else ensure_default_model()
-        dtype = _DTYPES.get(config.dtype, torch.float32)  # "auto": float32, the fast path on CPUs without bf16 units
+        # "auto": bfloat16 where the CPU has bf16 units (avx512_bf16 or AMX), else float32.
+        dtype = _DTYPES.get(cpu_dtype(config.dtype, cpu_flags()), torch.float32)
         if config.threads:
             # Process-wide, so the generation thread started later computes with the same count.
             torch.set_num_threads(config.threads)
@@ -150,10 +152,15 @@ class TransformersEngine:
             generation_config=generation_config, continuous_batching_config=cb_config
         )
         self._manager.logit_processor = self._sampler
+        if config.attention == "varlen":
+            from service.engines import varlen_attention
+
+            varlen_attention.use(model)
         log.info(
-            "loaded %s (%s, %.0fM parameters, context %d) in %.1f s",
+            "loaded %s (%s, %s attention, %.0fM parameters, context %d) in %.1f s",
             path,
             str(dtype).removeprefix("torch."),
+            config.attention,
             sum(p.numel() for p in model.parameters()) / 1e6,
             context_length,
             time.monotonic() - started,

@@ -93,8 +93,10 @@ async def test_logprobs_are_the_sampled_tokens_with_their_alternatives(engine):
     assert [lp.token_id for lp in got["logprobs"]] == got["ids"]
     for lp in got["logprobs"]:
         assert lp.logprob <= 0 and len(lp.top) == 3
-        # Greedy: the chosen token is the most likely one.
-        assert lp.top[0].token_id == lp.token_id and math.isclose(lp.top[0].logprob, lp.logprob, abs_tol=1e-4)
+        # Greedy: the chosen token is a most likely one (in bfloat16, the default on CPUs with bf16 units, two tokens
+        # can tie exactly, and either may be listed first).
+        assert math.isclose(lp.top[0].logprob, lp.logprob, abs_tol=1e-4)
+        assert lp.token_id in [t.token_id for t in lp.top if math.isclose(t.logprob, lp.logprob, abs_tol=1e-4)]
         assert lp.token_bytes.decode("utf-8", errors="replace") == lp.token or "\ufffd" in lp.token
 
 
