@@ -82,8 +82,24 @@ SOAK_ENGINE ?= transformers
 SOAK_HANGUPS ?= 0.25
 .PHONY: bench-soak
 
-bench: $(STAMP) $(SGLANG_STAMP) model
+# The peers the product is measured against (bench/peers.py), each in its own environment: vLLM's CPU build and SGLang's
+# Rust gateway SMG (SGLang itself runs in .venv-sglang, transformers serve in .venv).
+VLLM_VENV ?= .venv-vllm
+SMG_VENV ?= .venv-smg
+PEER_STAMPS := $(VLLM_VENV)/.layered-on $(SMG_VENV)/.layered-on
+$(VLLM_VENV)/.layered-on: deploy/envs.py
+	$(PYTHON) deploy/envs.py vllm $(VLLM_VENV)
+$(SMG_VENV)/.layered-on: deploy/envs.py
+	$(PYTHON) deploy/envs.py smg $(SMG_VENV)
+
+bench: $(STAMP) $(SGLANG_STAMP) $(PEER_STAMPS) model
 	CHATSERVE_SGLANG_PYTHON=$(CURDIR)/$(SGLANG_PY) $(PY) -m bench.suite $(if $(BENCH_QUICK),--quick,)
+
+# Only the side-by-side table: ours (both engines) next to vLLM, SGLang, transformers serve and SMG (~35 min; with
+# BENCH_QUICK=1 one round of half the requests).
+.PHONY: bench-peers
+bench-peers: $(STAMP) $(SGLANG_STAMP) $(PEER_STAMPS) model
+	CHATSERVE_SGLANG_PYTHON=$(CURDIR)/$(SGLANG_PY) $(PY) -m bench.peers $(if $(BENCH_QUICK),--quick --rounds 1,)
 
 bench-soak: $(STAMP) model
 	$(PY) -m bench.soak --minutes $(SOAK_MINUTES) --engine $(SOAK_ENGINE) --hangup-fraction $(SOAK_HANGUPS)
@@ -93,4 +109,4 @@ proto: $(STAMP)
 
 # The checkout's layers only; the shared environments stay in ~/.cache/chatserve/envs for other checkouts.
 clean:
-	rm -rf $(VENV) $(SGLANG_VENV) .pytest_cache
+	rm -rf $(VENV) $(SGLANG_VENV) $(VLLM_VENV) $(SMG_VENV) .pytest_cache

