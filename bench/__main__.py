@@ -32,7 +32,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--synthetic-total-tokens-per-s", type=float, default=0.0, help="shared by all streams (0: none)")
     g.add_argument("--synthetic-ttft", type=float, default=0.0, help="seconds before the first token")
     g.add_argument("--model", default=None, help="model folder (default: the prepared SmolLM2-135M-Instruct)")
-    g.add_argument("--dtype", default="float32", help="weights (auto: the engine's choice; SGLang on CPU: bf16 where the CPU has bf16 units)")
+    g.add_argument("--dtype", default="auto", help="weights (auto, the service's default: bf16 where the CPU has bf16 units, else float32)")
 
 
 def engine_spec(a: argparse.Namespace) -> EngineSpec:

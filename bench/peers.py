@@ -619,7 +619,7 @@ def chart(payload: dict, path: Path) -> None:
 
 
 def default_dtype() -> str:
-    from service.engines.sglang_cpu import cpu_dtype, cpu_flags
+    from service.engines.cpu_features import cpu_dtype, cpu_flags
 
     return cpu_dtype("auto", cpu_flags())
 

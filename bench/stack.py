@@ -35,7 +35,7 @@ class EngineSpec:
     tokens_per_step: int = 1
     # transformers engine (the service's own defaults; the peer is given the same KV cache geometry)
     model: str | None = None
-    dtype: str = "float32"
+    dtype: str = "auto"  # the service's default: bf16 where the CPU has bf16 units, else float32
     page_size: int = 32
     kv_cache_tokens: int = 32768
     max_batch_tokens: int = 1024
@@ -78,8 +78,8 @@ class EngineSpec:
             step = f", {self.tokens_per_step} tokens per step" if self.tokens_per_step > 1 else ""
             return f"synthetic engine ({per} tokens/s per stream{total}{ttft}{step})"
         dtype = self.dtype
-        if self.kind == "sglang" and dtype == "auto":
-            from service.engines.sglang_cpu import cpu_dtype, cpu_flags
+        if dtype == "auto":
+            from service.engines.cpu_features import cpu_dtype, cpu_flags
 
             dtype = f"auto: {cpu_dtype('auto', cpu_flags())}"
         return f"{self.kind} engine, {Path(self.model_path()).name}, {dtype}, CPU"
@@ -154,7 +154,9 @@ async def _start(stack: Stack, spec: EngineSpec, names: list[str], workdir: Path
             stack.skipped["peer"] = "the peer serves a real model: run it with --engine transformers"
         else:
             log("starting the peer (transformers serve)")
-            stack.peer = procs.start_peer(workdir, spec.model_path(), spec.dtype, spec.page_size,
+            from service.engines.cpu_features import cpu_dtype, cpu_flags
+
+            stack.peer = procs.start_peer(workdir, spec.model_path(), cpu_dtype(spec.dtype, cpu_flags()), spec.page_size,
                                           spec.kv_cache_tokens, spec.max_batch_tokens)
             stack.startup_s["peer"] = stack.peer.ready_s
             stack.targets["peer"] = SseTarget("peer", stack.peer.base_url, stack.peer.model, None, usage_option=False,

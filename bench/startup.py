@@ -49,7 +49,10 @@ async def service_once(spec: EngineSpec, workdir: Path) -> dict:
 
 
 async def peer_once(spec: EngineSpec, workdir: Path) -> dict:
-    peer = procs.start_peer(workdir, spec.model_path(), spec.dtype, spec.page_size, spec.kv_cache_tokens, spec.max_batch_tokens)
+    from service.engines.cpu_features import cpu_dtype, cpu_flags
+
+    peer = procs.start_peer(workdir, spec.model_path(), cpu_dtype(spec.dtype, cpu_flags()), spec.page_size,
+                            spec.kv_cache_tokens, spec.max_batch_tokens)
     try:
         first = await _first_token(SseTarget("peer", peer.base_url, peer.model, None, False, False, {}))
         return {"peer_health_s": peer.ready_s, "peer_first_token_after_health_s": first}
