@@ -90,10 +90,13 @@ def env_python(kind: str) -> str:
     return python
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(below: int = 65536) -> int:
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port < below:
+            return port
 
 
 def _await_http(proc: procs.Proc, url: str, timeout: float) -> None:
@@ -161,7 +164,8 @@ def _kv_bytes_per_token(setup: Setup) -> int:
 
 
 def _start_sglang_server(workdir: Path, setup: Setup, grpc: bool, name: str) -> tuple[procs.Proc, int]:
-    port = free_port()
+    # In gRPC mode SGLang also checks port + 10,000 (its native gRPC port) and refuses a port above 55,535.
+    port = free_port(below=55536 if grpc else 65536)
     argv = [env_python("sglang"), "-m", "bench.peer_sglang", "--model", setup.model, "--port", str(port),
             "--name", MODEL_NAME, "--dtype", "auto", "--kv-cache-tokens", str(setup.kv_cache_tokens)]
     proc = procs.spawn(name, argv + (["--grpc"] if grpc else []), workdir)
@@ -577,7 +581,7 @@ def render(payload: dict) -> str:
     if len(rounds) > 1:
         lines += ["", "Drift, tokens/s per round (" + ", ".join(f"round {r}" for r in rounds) + "):", ""]
         for server in servers:
-            parts = [f"{sc.split(',')[0] if sc.startswith('shared') else sc}: "
+            parts = [f"{sc.replace('shared 1,000-token prefix, ', 'prefix, ')}: "
                      + "/".join(str(v) for v in table[(server, sc)]["tokens_per_s_rounds"])
                      for sc in names if (server, sc) in table]
             lines.append(f"- {server}: " + "; ".join(parts))
@@ -616,6 +620,30 @@ def chart(payload: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def merge(payloads: list[dict]) -> dict:
+    """Several runs as one report: servers in the order of SERVERS, a server measured in several runs taken from the
+    first run given that has it; the machine line is the first run's, with every run's commit and date."""
+    by_server: dict[str, dict] = {}
+    for payload in payloads:
+        for server in payload["servers"]:
+            if server not in by_server and any(c["server"] == server for c in payload["cells"]):
+                by_server[server] = payload
+    servers = [s for s in SERVERS if s in by_server]
+    first = dict(payloads[0])
+    first["machine"] = dict(first["machine"])
+    first["machine"]["commit"] = " + ".join(dict.fromkeys(p["machine"]["commit"] for p in payloads))
+    first["machine"]["date"] = " / ".join(dict.fromkeys(p["machine"]["date"] for p in payloads))
+    first.update(
+        servers=servers,
+        rounds=max(p["rounds"] for p in payloads),
+        settings={s: by_server[s]["settings"].get(s, "") for s in servers},
+        failed={k: v for p in payloads for k, v in (p.get("failed") or {}).items() if k not in by_server},
+        cells=[c for s in servers for c in by_server[s]["cells"] if c["server"] == s],
+        starts=[st for s in servers for st in by_server[s]["starts"] if st["server"] == s],
+    )
+    return first
 
 
 def default_dtype() -> str:
@@ -670,7 +698,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--servers", default=",".join(SERVERS), help=f"comma-separated, of: {', '.join(SERVERS)}")
     p.add_argument("--rounds", type=int, default=2, help="rounds, the order reversed every other round")
     p.add_argument("--quick", action="store_true", help="half the requests per scenario")
+    p.add_argument("--report", nargs="+", type=Path, metavar="RESULTS_JSON",
+                   help="measure nothing: one table and chart from earlier runs' results.json (e.g. one server re-run "
+                   "after a failure), written beside the first")
     a = p.parse_args(argv)
+    if a.report:
+        out = a.report[0].parent / "merged"
+        out.mkdir(exist_ok=True)
+        payload = merge([json.loads(path.read_text()) for path in a.report])
+        (out / "results.json").write_text(json.dumps(payload, indent=1))
+        (out / "peers.md").write_text(render(payload))
+        chart(payload, out / "peers.png")
+        print(render(payload))
+        print(f"wrote {out}/peers.md, peers.png, results.json")
+        return
     servers = [s.strip() for s in a.servers.split(",") if s.strip()]
     unknown = set(servers) - set(SERVERS)
     if unknown:

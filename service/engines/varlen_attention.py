@@ -91,6 +91,9 @@ def _plan(cu_q: torch.Tensor, cu_k: torch.Tensor) -> _Plan:
             lengths.append(ke - ks)
         elif qe > qs:  # padding sequences have no queries
             prefill.append((qs, qe, ks, ke))
+    if len(rows) == 1:  # one decoding sequence attends on views: no gather, no padding mask
+        long_decode.append((rows[0], starts[0], starts[0] + lengths[0]))
+        rows = []
     decode = None
     if rows:
         # Each decoding sequence's keys as one row of a padded [sequences, longest] gather from the packed keys;

@@ -42,6 +42,7 @@ def packed(shapes, dtype, seed=0):
 
 
 BATCHES = {
+    "one decoding sequence": [(1, 77)],
     "decoding only, mixed lengths": [(1, 5), (1, 130), (1, 64), (1, 1)],
     "long decodes beside short ones": [(1, 40), (1, varlen_attention.LONG_DECODE_KEYS + 90), (1, 700), (1, 3)],
     "whole prompts": [(17, 17), (64, 64)],
