@@ -392,7 +392,7 @@ class Start:
     round: int
     first_answer_s: float
     pss_idle_mb: float
-    idle_cores: float = 0.0  # CPU the server's processes used over IDLE_WINDOW_S with no request in flight
+    idle_cores: float | None = None  # CPU the server's processes used over IDLE_WINDOW_S with nothing in flight
 
 
 IDLE_WINDOW_S = 3.0
@@ -550,7 +550,7 @@ def render(payload: dict) -> str:
     lines.append("| start-up: spawn → first answer (median) | " + " | ".join(row) + " |")
     row = []
     for server in servers:
-        idle = [s.idle_cores for s in starts if s.server == server]
+        idle = [s.idle_cores for s in starts if s.server == server and s.idle_cores is not None]
         row.append(f"{max(idle):.2f}" if idle else "–")
     lines.append("| CPU cores used while idle (most of the rounds) | " + " | ".join(row) + " |")
     row = []
