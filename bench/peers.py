@@ -63,7 +63,6 @@ class Running:
     procs: list[procs.Proc]
     usage: bool = True  # honours stream_options.include_usage
     extras: bool = True  # takes ignore_eos
-    first_answer_s: float | None = None
     settings: str = ""
 
     def stop(self) -> None:
