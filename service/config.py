@@ -47,6 +47,11 @@ class ServiceConfig:
     # varlen: each sequence of a batch attends to its own keys (service/engines/varlen_attention.py); sdpa:
     # transformers' own path, one SDPA call with a block-diagonal mask over the whole batch.
     attention: str = "varlen"
+    # compiled: our own continuous batching over a compiled decoder (service/engines/compiled/), for the
+    # architectures it knows; transformers: the library's own continuous batching; auto: compiled where it can.
+    runner: str = "auto"
+    # Compile the decoder with torch.compile (Inductor); off: the same decoder run op by op.
+    compile: bool = True
     # sglang engine
     # auto: cuda when torch sees a CUDA GPU, else cpu (service/engines/sglang_cpu.py).
     device: str = "auto"
@@ -156,7 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     add(g, "--max-batch-tokens", type=int, default=d.max_batch_tokens, help="tokens per forward pass (chunked prefill size)")
     add(g, "--max-running", type=int, default=d.max_running, help="sequences per batch")
     add(g, "--attention", choices=["varlen", "sdpa"], default=d.attention,
-        help="varlen: each sequence attends to its own keys (default); sdpa: transformers' own masked batch attention")
+        help="varlen: each sequence attends to its own keys (default); sdpa: transformers' own masked batch attention "
+        "(the transformers runner only)")
+    add(g, "--runner", choices=["auto", "compiled", "transformers"], default=d.runner,
+        help="compiled: the decoder compiled as one graph, with our own continuous batching (Llama, Mistral, Qwen2, "
+        "Qwen3); transformers: the library's continuous batching; auto: compiled where the architecture allows")
+    add(g, "--compile", action=argparse.BooleanOptionalAction, default=d.compile,
+        help="compile the decoder with torch.compile (compiled runner; artifacts cached on disk)")
     g = p.add_argument_group("sglang engine")
     add(g, "--device", choices=["auto", "cuda", "cpu"], default=d.device,
         help="auto: cuda when a CUDA GPU is visible, else cpu (SGLang's CPU engine, see README)")
@@ -171,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     add(g, "--chunked-prefill-size", type=int, help="tokens per prefill chunk (SGLang's default)")
     add(g, "--max-running-requests", type=int, help="requests per batch (SGLang's default)")
     add(g, "--schedule-policy", default=d.schedule_policy, help="lpm (longest prefix match, favours RadixAttention hits) or fcfs")
-    add(g, "--quantization", help="e.g. fp8, awq, gptq")
+    add(g, "--quantization", help="sglang: e.g. fp8, awq, gptq; transformers (compiled runner): int8 (weight-only), "
+        "none, or unset to measure at start whether int8 is faster on this CPU")
     g = p.add_argument_group("synthetic engine (benchmarks only: emits placeholder tokens, never serves a model)")
     add(g, "--synthetic-tokens-per-s", type=float, default=d.synthetic_tokens_per_s, help="tokens per second per stream; 0: no per-stream limit (then set the total)")
     add(g, "--synthetic-total-tokens-per-s", type=float, default=d.synthetic_total_tokens_per_s, help="tokens per second shared by all streams (0: no shared cap), e.g. 20000 across 256 streams")
@@ -222,6 +234,8 @@ def parse_args(argv: list[str] | None = None) -> ServiceConfig:
         max_batch_tokens=a.max_batch_tokens,
         max_running=a.max_running,
         attention=a.attention,
+        runner=a.runner,
+        compile=a.compile,
         device=a.device,
         sglang_args=tuple(a.sglang_args),
         tp_size=a.tp_size,

@@ -33,9 +33,34 @@ def choose_engine(requested: str) -> str:
     return "transformers"
 
 
+def choose_runner(config: ServiceConfig) -> str:
+    """`auto` means the compiled runner when the model's architecture is one it knows (read from config.json)."""
+    if config.runner != "auto":
+        return config.runner
+    import json
+    from pathlib import Path
+
+    from service.engines.compiled import SUPPORTED
+    from service.engines.default_model import ensure_default_model
+
+    path = Path(config.model) if config.model else ensure_default_model()
+    try:
+        architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        architectures = []
+    if architectures and architectures[0] in SUPPORTED:
+        return "compiled"
+    log.info("the compiled runner does not know %s: using transformers' continuous batching", architectures or path)
+    return "transformers"
+
+
 def create_engine(config: ServiceConfig) -> Backend:
     kind = choose_engine(config.engine)
     if kind == "transformers":
+        if choose_runner(config) == "compiled":
+            from service.engines.compiled.engine import CompiledEngine
+
+            return CompiledEngine(config)
         from service.engines.transformers_engine import TransformersEngine
 
         return TransformersEngine(config)

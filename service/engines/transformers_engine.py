@@ -101,37 +101,7 @@ class TransformersEngine:
 
     def _load(self) -> None:
         config = self._config
-        path = Path(config.model) if config.model else ensure_default_model()
-        # "auto": bfloat16 where the CPU has bf16 units (avx512_bf16 or AMX), else float32.
-        dtype = _DTYPES.get(cpu_dtype(config.dtype, cpu_flags()), torch.float32)
-        if config.threads:
-            # Process-wide, so the generation thread started later computes with the same count.
-            torch.set_num_threads(config.threads)
-        started = time.monotonic()
-        # The weight-loading progress bar is for a terminal, not for a service log (one line below says it all).
-        hf_logging.disable_progress_bar()
-        self._tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-        model.eval()
-        self._model = model
-        self.codec = HFCodec(self._tokenizer, config.tool_parser, config.chat_template)
-        self.defaults = sampling_defaults(model.generation_config)
-        self.end_ids = eos_ids(model.generation_config, self._tokenizer)
-        # The logits can be wider than the tokenizer's vocabulary (padding rows); the bitmask covers them all.
-        self._grammars = xgr.GrammarCompiler(
-            xgr.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=model.config.vocab_size),
-            max_threads=2,
-            cache_limit_bytes=256 * 1024 * 1024,
-        )
-        context_length = config.context_length or getattr(model.config, "max_position_embeddings", None) or 4096
-        self.info = ModelInfo(
-            name=config.served_model_name or model_name(path),
-            engine="transformers",
-            context_length=context_length,
-            max_output_tokens=min(config.max_output_tokens, context_length),
-            vocab_size=model.config.vocab_size,
-            created=int(time.time()),
-        )
+        model = self._load_model(_DTYPES.get(cpu_dtype(config.dtype, cpu_flags()), torch.float32))
         page_size = config.page_size
         generation_config = GenerationConfig(
             # Our sampler picks every non-greedy token itself and leaves it as the argmax (see sampling.py).
@@ -158,13 +128,50 @@ class TransformersEngine:
             varlen_attention.use(model)
         log.info(
             "loaded %s (%s, %s attention, %.0fM parameters, context %d) in %.1f s",
-            path,
-            str(dtype).removeprefix("torch."),
+            self._path,
+            str(model.dtype).removeprefix("torch."),
             config.attention,
             sum(p.numel() for p in model.parameters()) / 1e6,
-            context_length,
-            time.monotonic() - started,
+            self.info.context_length,
+            time.monotonic() - self._load_started,
         )
+
+    def _load_model(self, dtype: torch.dtype):
+        """The tokenizer, codec, sampling defaults, grammar compiler and model info every runner shares; returns the
+        loaded transformers model."""
+        config = self._config
+        path = Path(config.model) if config.model else ensure_default_model()
+        if config.threads:
+            # Process-wide, so the generation thread started later computes with the same count.
+            torch.set_num_threads(config.threads)
+        started = time.monotonic()
+        # The weight-loading progress bar is for a terminal, not for a service log (one line below says it all).
+        hf_logging.disable_progress_bar()
+        self._tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+        model.eval()
+        self._model = model
+        self._path = path
+        self._load_started = started
+        self.codec = HFCodec(self._tokenizer, config.tool_parser, config.chat_template)
+        self.defaults = sampling_defaults(model.generation_config)
+        self.end_ids = eos_ids(model.generation_config, self._tokenizer)
+        # The logits can be wider than the tokenizer's vocabulary (padding rows); the bitmask covers them all.
+        self._grammars = xgr.GrammarCompiler(
+            xgr.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=model.config.vocab_size),
+            max_threads=2,
+            cache_limit_bytes=256 * 1024 * 1024,
+        )
+        context_length = config.context_length or getattr(model.config, "max_position_embeddings", None) or 4096
+        self.info = ModelInfo(
+            name=config.served_model_name or model_name(path),
+            engine="transformers",
+            context_length=context_length,
+            max_output_tokens=min(config.max_output_tokens, context_length),
+            vocab_size=model.config.vocab_size,
+            created=int(time.time()),
+        )
+        return model
 
     async def stop(self) -> None:
         self._alive = False
