@@ -63,6 +63,11 @@ def stack(request, tmp_path_factory) -> Stack:
     tmp = tmp_path_factory.mktemp(f"stack-{engine}")
     stack = launch_stack(engine, tmp)
     yield stack
+    if engine == "transformers":
+        # Every shape the suite's traffic made was compiled during warm-up: nothing recompiled while serving.
+        metrics = stack.metrics()
+        assert metrics['chatserve_engine_compiles_total{phase="warmup"}'] >= 1, metrics
+        assert metrics['chatserve_engine_compiles_total{phase="serving"}'] == 0, stack.service_log()[-3000:]
     code = stack.launcher.stop()
     assert code == 0, f"the stack did not stop cleanly ({code}):\n{stack.launcher.log()[-3000:]}"
 

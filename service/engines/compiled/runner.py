@@ -57,7 +57,7 @@ class Sequence:
 
 class Runner:
     def __init__(self, forward: Callable, logits: Callable, cache: KVCache, blocks: BlockManager, scale: float,
-                 max_batch_tokens: int, max_running: int, context_length: int) -> None:
+                 max_batch_tokens: int, max_running: int, context_length: int, scratch_slot: int) -> None:
         self._forward = forward
         self._logits = logits
         self._cache = cache
@@ -66,6 +66,7 @@ class Runner:
         self._max_batch_tokens = max_batch_tokens
         self._max_running = max_running
         self._context_length = context_length
+        self._scratch_slot = scratch_slot
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
@@ -267,6 +268,13 @@ class Runner:
                 plan.singles.append(_span(row, row + 1, seq.pages, seq.computed + 1, size))
         if short:
             plan.decode = _decode_group(short, size)
+        if len(tokens) == 1:
+            # One row is padded to two, so every batch runs the one dynamic graph (a one-row batch would be compiled
+            # as a graph of its own: a second compile at every start). The pad row writes its key to a slot no
+            # sequence owns and attends to nothing; rows never mix outside attention, so its output is ignored.
+            tokens.append(0)
+            positions.append(0)
+            slots.append(self._scratch_slot)
         plan.slots = torch.tensor(slots, dtype=torch.long)
         with batch_context(self._cache, plan, self._scale):
             hidden = self._forward(torch.tensor(tokens, dtype=torch.long), torch.tensor(positions, dtype=torch.long))
