@@ -65,10 +65,14 @@ class Service:
 
 def start_service(
     tmp: Path, *extra: str, name: str = "service", port: int = 0, env: dict[str, str] | None = None,
-    engine: str | None = None, timeout: float = 180,
+    engine: str | None = None, timeout: float = 180, compile: bool = False,
 ) -> Service:
     """A real `python -m service` on an ephemeral port (or `port`); returns it once SERVING. `engine` runs that
-    engine in its own environment (tests/helpers/engines.py); None leaves the service's default."""
+    engine in its own environment (tests/helpers/engines.py); None leaves the service's default.
+
+    The transformers engine runs its decoder uncompiled here unless `compile`: these services test the process
+    (signals, limits, secrets, logs), and a compiled start costs ~15 s more each. The compiled decoder is what the
+    e2e stacks serve with (tests/conftest.py), and what its own tests start."""
     port_file, metrics_file = tmp / f"{name}.port", tmp / f"{name}.metrics"
     port_file.unlink(missing_ok=True)
     metrics_file.unlink(missing_ok=True)
@@ -76,7 +80,7 @@ def start_service(
         ["-m", "service", "--port", str(port), "--port-file", str(port_file), "--metrics-port", "0",
          "--metrics-port-file", str(metrics_file), *(service_args(engine) if engine else ()), *extra],
         tmp / f"{name}.log",
-        env,
+        env if compile else {"CHATSERVE_COMPILE": "false", **(env or {})},
         python_for(engine) if engine else None,
     )
     bound = wait_for_file(port_file, proc, timeout)

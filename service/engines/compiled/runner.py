@@ -194,6 +194,9 @@ class Runner:
                 continue
             work.append((seq, seq.computed, 1))
             budget -= 1
+        # A sequence scheduled above may have been preempted for a later one: it no longer holds its pages.
+        work = [w for w in work if w[0] in self._running]
+        budget = self._max_batch_tokens - len(work)
         prefilling = [s for s in self._running if s.computed < len(s.tokens) - 1]
         for seq in prefilling:
             if budget <= 0:
