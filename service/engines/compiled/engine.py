@@ -25,7 +25,7 @@ from service.engines.base import ChoiceJob, EngineStats, RawLogprob, TokenChunk
 from service.engines.compiled import precision
 from service.engines.compiled.attention import BatchPlan, KVCache, SequenceSpan, batch_context
 from service.engines.compiled.blocks import BlockManager
-from service.engines.compiled.decoder import Decoder
+from service.engines.compiled.decoder import INT8_MAX_ROWS, Decoder
 from service.engines.compiled.runner import Runner, Sequence
 from service.engines.cpu_features import cpu_flags
 from service.engines.sampling import SamplingPlan
@@ -91,15 +91,19 @@ class CompiledEngine(TransformersEngine):
         blocks = max(2, (config.kv_cache_tokens or DEFAULT_KV_CACHE_TOKENS) // page)
         # One page more than the block manager hands out: its first slot takes the pad row of one-row batches.
         cache = KVCache(decoder.layers, (blocks + 1) * page, decoder.kv_heads, decoder.head_dim, dtype)
-        forward = decoder.forward
+        forward, forward_small = decoder.forward, decoder.forward_int8 if decoder.int8 else None
         if config.compile:
-            forward = self._compile(decoder)
+            forward = self._compile(decoder.forward, freeze=False)
+            forward_small = forward_small and self._compile(forward_small, freeze=True)
         with torch.inference_mode():
-            self._warm_up(forward, cache, page)
+            self._warm_up(forward, cache, (INT8_MAX_ROWS + 1, 17) if forward_small else (2, 3, 17))
+            if forward_small:
+                self._warm_up(forward_small, cache, (2, 3, INT8_MAX_ROWS))
         self._warm = True
         self._runner = Runner(forward, decoder.logits, cache, BlockManager(blocks, page), decoder.scale,
                               max_batch_tokens=config.max_batch_tokens, max_running=config.max_running,
-                              context_length=context, scratch_slot=blocks * page)
+                              context_length=context, scratch_slot=blocks * page, forward_small=forward_small,
+                              small_rows=INT8_MAX_ROWS)
         log.info(
             "loaded %s: compiled runner, %s%s weights (%s), %s, %d graphs compiled at start; KV cache %d tokens "
             "(%.0f MB); ready in %.1f s",
@@ -108,18 +112,13 @@ class CompiledEngine(TransformersEngine):
             blocks * page, cache.nbytes() / 1e6, time.monotonic() - started,
         )
 
-    def _compile(self, decoder: Decoder):
+    def _compile(self, function, freeze: bool):
         import torch._inductor.config as inductor
 
         # Compiled artifacts live on disk, keyed by what they depend on, so a second start loads instead of
         # compiling (Inductor's FX graph cache and AOTAutograd cache both key below this folder).
         folder = precision.cache_folder("compile", self._path, self.choice, torch.__version__)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
-        # Freezing folds the weights into the graph as constants. Measured on SmolLM2 (Xeon, AMX, 2 cores): bf16
-        # decode step 37 → 26.5 ms; with int8 weights one stream 36 → 46 tokens/s through the runner. Its price is
-        # start-up: a warm start (FX graph cache hit) still spends ~14 s in AOT tracing and constant folding,
-        # against ~8 s unfrozen.
-        inductor.freezing = True
         engine = self
 
         def counting_backend(gm, example_inputs):
@@ -129,15 +128,21 @@ class CompiledEngine(TransformersEngine):
                             [tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)][:2])
             from torch._inductor.compile_fx import compile_fx
 
-            return compile_fx(gm, example_inputs)
+            # Freezing folds the weights into the graph as constants. Measured on SmolLM2 (Xeon, AMX, 2 cores): with
+            # int8 weights one stream 36 -> 46 tokens/s. Not for dense weights: Inductor then prepacks them for
+            # oneDNN, and a graph holding prepacked weights is never found in the disk cache again (a 44 s compile
+            # at every start), for a gain only in bf16 decode, which the int8 graph serves where it is fastest.
+            with inductor.patch(freezing=freeze):
+                return compile_fx(gm, example_inputs)
 
-        return torch.compile(decoder.forward, backend=counting_backend, dynamic=True, fullgraph=True)
+        return torch.compile(function, backend=counting_backend, dynamic=True, fullgraph=True)
 
-    def _warm_up(self, forward, cache: KVCache, page: int) -> None:
-        """Compile the graph the runner uses and run it at a few sizes: every batch (two rows or more, the runner
-        pads one-row batches) runs this one dynamic graph. The cache slots written here belong to no sequence."""
+    def _warm_up(self, forward, cache: KVCache, sizes: tuple[int, ...]) -> None:
+        """Compile a graph the runner uses and run it at a few sizes: every batch in its range of rows (two or
+        more: the runner pads one-row batches) runs this one dynamic graph. The cache slots written here belong to
+        no sequence."""
         started = time.monotonic()
-        for rows in (2, 3, 17):
+        for rows in sizes:
             plan = BatchPlan(slots=torch.arange(rows), prefills=[SequenceSpan(0, rows, 0, rows, None)])
             with batch_context(cache, plan, self._decoder.scale):
                 hidden = forward(torch.zeros(rows, dtype=torch.long), torch.arange(rows))

@@ -133,7 +133,8 @@ def _time_step(model: torch.nn.Module, dtype: str, int8: bool, steps: int = 12) 
             plan = BatchPlan(slots=torch.tensor([position]), singles=[SequenceSpan(0, 1, 0, position + 1, None)])
             started = time.perf_counter()
             with batch_context(cache, plan, decoder.scale):
-                hidden = decoder(torch.tensor([step]), torch.tensor([position]))
+                forward = decoder.forward_int8 if int8 else decoder.forward
+                hidden = forward(torch.tensor([step]), torch.tensor([position]))
             decoder.logits(hidden)
             times.append(time.perf_counter() - started)
     return statistics.median(times[2:])

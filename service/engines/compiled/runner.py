@@ -57,8 +57,12 @@ class Sequence:
 
 class Runner:
     def __init__(self, forward: Callable, logits: Callable, cache: KVCache, blocks: BlockManager, scale: float,
-                 max_batch_tokens: int, max_running: int, context_length: int, scratch_slot: int) -> None:
+                 max_batch_tokens: int, max_running: int, context_length: int, scratch_slot: int,
+                 forward_small: Callable | None = None, small_rows: int = 0) -> None:
+        """`forward_small`, when given, runs batches of at most `small_rows` rows (the int8 weights)."""
         self._forward = forward
+        self._forward_small = forward_small
+        self._small_rows = small_rows
         self._logits = logits
         self._cache = cache
         self._blocks = blocks
@@ -76,6 +80,7 @@ class Runner:
         self.fatal: str | None = None
         self.fault: str | None = None
         self.steps = 0
+        self.preemptions = 0
 
     # ------------------------------------------------------------------------------ event loop thread
 
@@ -174,6 +179,7 @@ class Runner:
                 self._release(victim)
                 victim.computed = victim.published = victim.chain = 0
                 self._waiting.appendleft(victim)
+                self.preemptions += 1
                 log.info("preempted %s: the KV cache is full", victim.rid)
                 return True
         return False
@@ -280,7 +286,8 @@ class Runner:
             slots.append(self._scratch_slot)
         plan.slots = torch.tensor(slots, dtype=torch.long)
         with batch_context(self._cache, plan, self._scale):
-            hidden = self._forward(torch.tensor(tokens, dtype=torch.long), torch.tensor(positions, dtype=torch.long))
+            forward = self._forward_small if self._forward_small and len(tokens) <= self._small_rows else self._forward
+            hidden = forward(torch.tensor(tokens, dtype=torch.long), torch.tensor(positions, dtype=torch.long))
         logits = self._logits(hidden[sample_rows]) if sample_rows else None
         self.steps += 1
 
