@@ -34,11 +34,12 @@ class BlockManager:
     def available(self) -> int:
         return len(self._free) + len(self._idle)
 
-    def match_prefix(self, tokens: list[int]) -> list[int]:
+    def match_prefix(self, tokens: list[int]) -> tuple[list[int], int]:
         """The cached pages that hold the longest prefix of `tokens` in whole pages (held for the caller), leaving
-        at least one token to compute, since the next token's logits come from the last one."""
+        at least one token to compute, since the next token's logits come from the last one; and the chain hash
+        after them (0 for none)."""
         pages: list[int] = []
-        parent = 0
+        matched = parent = 0
         size = self.block_size
         for start in range(0, len(tokens) - 1 - size + 1, size):
             parent = _chain(parent, tokens[start : start + size])
@@ -46,9 +47,10 @@ class BlockManager:
             if page is None:
                 break
             pages.append(page)
+            matched = parent
         for page in pages:
             self._hold(page)
-        return pages
+        return pages, matched
 
     def allocate(self) -> int:
         """A free page (held for the caller), evicting the least recently released cached page if none is free."""
@@ -91,15 +93,6 @@ class BlockManager:
         if self._refs[page] == 0:
             self._idle.pop(page, None)
         self._refs[page] += 1
-
-
-def chain_hashes(tokens: list[int], block_size: int) -> list[int]:
-    """The chain hash after each whole page of `tokens`."""
-    out, parent = [], 0
-    for start in range(0, len(tokens) - block_size + 1, block_size):
-        parent = _chain(parent, tokens[start : start + block_size])
-        out.append(parent)
-    return out
 
 
 def _chain(parent: int, tokens: list[int]) -> int:

@@ -181,7 +181,7 @@ class CompiledEngine(TransformersEngine):
             raise EngineFailure("the engine is not running")
         plan = SamplingPlan.build(job.sampling, list(job.end_ids), job.prompt_ids, job.top_logprobs, job.seed,
                                   job.grammar, job.thinking)
-        seq = Sequence(rid=job.rid, tokens=list(job.prompt_ids), prompt_len=len(job.prompt_ids),
+        seq = Sequence(rid=job.rid, tokens=list(job.prompt_ids),
                        max_new_tokens=job.sampling.max_tokens, end_ids=frozenset(job.end_ids), plan=plan)
         self._open[job.rid] = seq
         seen = 0

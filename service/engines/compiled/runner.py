@@ -38,7 +38,6 @@ class Sequence:
 
     rid: str
     tokens: list[int]  # the prompt, then every generated token
-    prompt_len: int
     max_new_tokens: int
     end_ids: frozenset[int]
     plan: SamplingPlan
@@ -79,7 +78,6 @@ class Runner:
         self._stopping = False
         self.fatal: str | None = None
         self.fault: str | None = None
-        self.steps = 0
         self.preemptions = 0
 
     # ------------------------------------------------------------------------------ event loop thread
@@ -215,14 +213,9 @@ class Runner:
         while budget > 0 and self._waiting and len(self._running) < self._max_running:
             seq = self._waiting[0]
             if not seq.pages:
-                seq.pages = self._blocks.match_prefix(seq.tokens)
+                seq.pages, seq.chain = self._blocks.match_prefix(seq.tokens)
                 seq.computed = len(seq.pages) * self._blocks.block_size
                 seq.published = len(seq.pages)
-                seq.chain = 0
-                if seq.pages:
-                    from service.engines.compiled.blocks import chain_hashes
-
-                    seq.chain = chain_hashes(seq.tokens[: seq.computed], self._blocks.block_size)[-1]
                 if seq.cached_tokens is None:
                     seq.cached_tokens = seq.computed
                     seq.plan.cached_tokens = seq.computed
@@ -289,7 +282,6 @@ class Runner:
             forward = self._forward_small if self._forward_small and len(tokens) <= self._small_rows else self._forward
             hidden = forward(torch.tensor(tokens, dtype=torch.long), torch.tensor(positions, dtype=torch.long))
         logits = self._logits(hidden[sample_rows]) if sample_rows else None
-        self.steps += 1
 
         greedy = logits.argmax(dim=-1).tolist() if logits is not None else []
         done: list[Sequence] = []
